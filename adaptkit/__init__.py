@@ -1,0 +1,20 @@
+"""adaptkit: parameter-efficient fine-tuning for any torch.nn.Module, in pure PyTorch.
+
+    import adaptkit as ak
+    ak.inject(model, ak.LoRA(rank=16, alpha=32, targets=r".*\.(q|k|v|o)_proj"))
+    ak.save(model, "adapter.safetensors");  ak.load(other, "adapter.safetensors")
+    model = ak.merge(model)
+"""
+__version__ = "0.1.0"
+
+from .combine import combine
+from .errors import AdaptkitError
+from .inject import delete, disabled, inject, set_active, summary
+from .io import load, save
+from .merge import merge
+from .methods import LoRA
+
+__all__ = [
+    "AdaptkitError", "LoRA", "combine", "delete", "disabled", "inject", "load", "merge",
+    "save", "set_active", "summary",
+]

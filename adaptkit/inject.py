@@ -1,0 +1,231 @@
+"""Module swapping, freezing, named adapters and the active set.
+
+``inject`` is plan -> build -> attach: matching and building never touch the model, so a
+failed inject (bad rank, unsupported module, ...) leaves it exactly as it was. Active
+adapters are the trainable ones; an inactive adapter is frozen and skipped in forward.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch.nn as nn
+
+from .errors import AdaptkitError
+from .layer import AdaptedLayer, adapted_layers, base_kind, wrap
+from .spec import AdapterSpec
+from .targets import saved_modules, select
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
+
+
+@dataclass
+class State:
+    """adaptkit's bookkeeping, kept in ``model.__dict__`` (outside the state dict)."""
+
+    specs: dict[str, AdapterSpec] = field(default_factory=dict)
+    active: list[str] = field(default_factory=list)
+    # adapter name -> qualified names of non-adapter parameters it trains and saves
+    extras: dict[str, list[str]] = field(default_factory=dict)
+    # requires_grad of every parameter before the first inject, restored by merge
+    frozen_from: dict[str, bool] = field(default_factory=dict)
+
+
+def state(model: nn.Module) -> State:
+    st = model.__dict__.get("_adaptkit")
+    if st is None:
+        st = model.__dict__["_adaptkit"] = State()
+    return st
+
+
+def check_name(model: nn.Module, name: str) -> None:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise AdaptkitError(f"inject: adapter name {name!r} must be an identifier-like string "
+                            f"(letters, digits, '_', '-'; no dots); use e.g. name='default'")
+    if name in state(model).specs:
+        raise AdaptkitError(f"inject: an adapter named {name!r} already exists on this model; "
+                            f"pick another name or ak.delete(model, {name!r}) first")
+
+
+def plan(model: nn.Module, spec: AdapterSpec, name: str, paths: list[str] | None = None,
+         layer_states: dict | None = None):
+    """Build wrappers and adapters for ``paths`` (default: the spec's matches) without
+    mutating the model. Every problem is collected and raised as one error."""
+    if not isinstance(spec, AdapterSpec):
+        raise AdaptkitError(f"inject: expected a spec such as ak.LoRA(...), got {type(spec).__name__}")
+    check_name(model, name)
+    paths = select(model, spec) if paths is None else paths
+    errors, built = [], []
+    for path in paths:
+        try:
+            m = model.get_submodule(path)
+        except AttributeError:
+            errors.append(f"no module at '{path}'")
+            continue
+        kind = base_kind(m)
+        if kind is None or not spec.supports(kind):
+            errors.append(f"{type(spec).__name__} cannot adapt '{path}' ({type(m).__name__}); "
+                          f"exclude it or narrow targets")
+            continue
+        layer = wrap(m)
+        try:
+            adapter = spec.build(layer, path)
+            if layer_states and path in layer_states:
+                adapter.load_layer_state(layer_states[path], path)
+        except AdaptkitError as e:
+            errors.append(str(e))
+            continue
+        built.append((path, layer, adapter))
+    extras: list[str] = []
+    try:
+        for p in saved_modules(model, spec.modules_to_save):
+            if any(p == q or q.startswith(p + ".") or p.startswith(q + ".") for q in paths):
+                errors.append(f"modules_to_save '{p}' overlaps adapted module(s); exclude it from targets")
+            extras += [f"{p}.{k}" for k, _ in model.get_submodule(p).named_parameters()]
+    except AdaptkitError as e:
+        errors.append(str(e))
+    if spec.bias != "none":
+        scope = paths if spec.bias == "adapter_only" else [n for n, _ in model.named_modules()]
+        for p in scope:
+            b = model.get_submodule(p)._parameters.get("bias")
+            if b is not None and f"{p}.bias".lstrip(".") not in extras:
+                extras.append(f"{p}.bias".lstrip("."))
+    if errors:
+        raise AdaptkitError(f"{type(spec).__name__} ({name!r}): " + "; ".join(errors))
+    return built, extras
+
+
+def attach(model: nn.Module, spec: AdapterSpec, name: str, built, extras: list[str]) -> list[str]:
+    """Second half of inject: put the planned layers in the model (cannot fail)."""
+    st = state(model)
+    if not st.specs:
+        st.frozen_from = {n: p.requires_grad for n, p in model.named_parameters()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+    for path, layer, adapter in built:
+        if model.get_submodule(path) is not layer:
+            model.set_submodule(path, layer)
+        adapter.to(device=layer.weight.device)
+        layer.adapters[name] = adapter
+        adapter.attach(layer)
+    st.specs[name] = spec
+    st.extras[name] = extras
+    st.active.append(name)
+    refresh(model)
+    return [p for p, _, _ in built]
+
+
+def inject(model: nn.Module, spec: AdapterSpec, name: str = "default") -> list[str]:
+    """Swap every module ``spec`` matches for an adapted layer carrying adapter ``name``.
+
+    Freezes the base, makes the new adapter active and trainable (alongside those already
+    active), and returns the adapted module paths. Nothing changes if anything fails."""
+    built, extras = plan(model, spec, name)
+    return attach(model, spec, name, built, extras)
+
+
+def refresh(model: nn.Module) -> None:
+    """Re-derive per-layer active tuples and requires_grad from the active set."""
+    st = state(model)
+    params = dict(model.named_parameters())
+    for name in st.specs:
+        for q in st.extras.get(name, []):
+            if q in params:
+                params[q].requires_grad_(False)
+    for _, layer in adapted_layers(model):
+        layer.set_active(st.active)
+        for n, a in layer.adapters.items():
+            a.requires_grad_(n in st.active)
+    for name in st.active:
+        for q in st.extras.get(name, []):
+            if q in params:
+                params[q].requires_grad_(True)
+
+
+def _names(model: nn.Module, names) -> list[str]:
+    names = [names] if isinstance(names, str) else list(names)
+    known = state(model).specs
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise AdaptkitError(f"unknown adapter name(s) {bad}; this model has {sorted(known)}")
+    return names
+
+
+def set_active(model: nn.Module, names) -> None:
+    """Make exactly ``names`` active (summed in forward, trainable); the rest are frozen."""
+    state(model).active = _names(model, names)
+    refresh(model)
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model: every adapter is skipped (merged ones are unmerged meanwhile)."""
+    layers = adapted_layers(model)
+    merged = {p: [n for n, a in l.adapters.items() if a.merged] for p, l in layers}
+    for _, layer in layers:
+        layer.unmerge()
+        layer.set_active([])
+    try:
+        yield model
+    finally:
+        for p, layer in layers:
+            layer.merge(merged[p], check=False)
+        refresh(model)
+
+
+def delete(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name``; layers left with no adapter become plain modules again."""
+    _names(model, name)
+    st = state(model)
+    for path, layer in adapted_layers(model):
+        if name not in layer.adapters:
+            continue
+        merged = [n for n, a in layer.adapters.items() if a.merged and n != name]
+        layer.unmerge()
+        del layer.adapters[name]
+        layer.merge(merged, check=False)
+        if not len(layer.adapters):
+            model.set_submodule(path, layer.unwrap())
+    del st.specs[name]
+    st.extras.pop(name, None)
+    st.active = [n for n in st.active if n != name]
+    refresh(model)
+
+
+@dataclass
+class Summary:
+    trainable: int
+    total: int
+    per_adapter: dict[str, dict]
+    per_layer: list[tuple[str, str, str, int]]  # (path, adapter, method, params)
+
+    def __str__(self) -> str:
+        rows = [f"{'layer':48s} {'adapter':10s} {'method':8s} {'params':>10s}"]
+        rows += [f"{p:48.48s} {a:10.10s} {m:8s} {n:10,d}" for p, a, m, n in self.per_layer]
+        for a, d in self.per_adapter.items():
+            rows.append(f"adapter {a!r}: {d['method']}, {d['layers']} layers, "
+                        f"{d['params']:,} params{' (active)' if d['active'] else ''}")
+        rows.append(f"trainable {self.trainable:,} / total {self.total:,} "
+                    f"({100 * self.trainable / max(self.total, 1):.3f}%)")
+        return "\n".join(rows)
+
+    __repr__ = __str__
+
+
+def summary(model: nn.Module) -> Summary:
+    """Trainable / total parameters, per adapter and per layer."""
+    st = state(model)
+    per_layer = []
+    per_adapter = {n: {"method": s.method, "layers": 0, "params": 0, "active": n in st.active}
+                   for n, s in st.specs.items()}
+    for path, layer in adapted_layers(model):
+        for n, a in layer.adapters.items():
+            k = sum(p.numel() for p in a.parameters())
+            per_layer.append((path, n, st.specs[n].method, k))
+            per_adapter[n]["layers"] += 1
+            per_adapter[n]["params"] += k
+    params = list(model.parameters())
+    return Summary(sum(p.numel() for p in params if p.requires_grad),
+                   sum(p.numel() for p in params), per_adapter, per_layer)

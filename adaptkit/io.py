@@ -1,0 +1,157 @@
+"""Save / load adapters: one strict, versioned safetensors file (format 1, DESIGN.md).
+
+Tensors: ``<module path>.<param>`` (adapter parameters, plus trained biases and
+``modules_to_save`` weights; never frozen base weights; no adapter name in keys).
+Metadata (strings): ``adaptkit.format`` = "1", ``adaptkit.version``, ``adaptkit.spec``
+(spec JSON), ``adaptkit.layers`` (JSON: path -> method, base type, shape, per-layer state).
+
+Loading validates everything (format, spec, every path, type, shape and key) and reports
+every problem in one error before the model is touched. Writes are atomic.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import AdaptkitError
+from .inject import attach, plan, state
+from .layer import adapted_layers, base_kind
+from .spec import AdapterSpec
+
+FORMAT = "1"
+
+
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
+def adapter_tensors(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """File tensors and the ``adaptkit.layers`` table of adapter ``name``."""
+    st = state(model)
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, dict] = {}
+    for path, layer in adapted_layers(model):
+        a = layer.adapters[name] if name in layer.adapters else None
+        if a is None:
+            continue
+        for k, t in a.state_dict().items():
+            tensors[f"{path}.{k}"] = t
+        layers[path] = {"method": st.specs[name].method, "base": layer._base_cls.__name__,
+                        "kind": layer.kind, "shape": list(layer.weight.shape),
+                        "state": a.layer_state()}
+    params = dict(model.named_parameters())
+    for q in st.extras.get(name, []):
+        tensors[q] = params[q].detach()
+        mod = q.rsplit(".", 1)[0] if "." in q else ""
+        layers.setdefault(mod, {"method": "trained", "base": type(model.get_submodule(mod)).__name__})
+    return tensors, layers
+
+
+def save(model: nn.Module, path: str | os.PathLike, name: str = "default") -> None:
+    """Write adapter ``name`` of ``model`` to ``path`` atomically (temp file + rename)."""
+    st = state(model)
+    if name not in st.specs:
+        raise AdaptkitError(f"save: no adapter named {name!r}; this model has {sorted(st.specs)}")
+    tensors, layers = adapter_tensors(model, name)
+    # safetensors refuses shared / non-contiguous storage; the file owns plain copies
+    tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()}
+    meta = {"adaptkit.format": FORMAT, "adaptkit.version": _version(),
+            "adaptkit.spec": json.dumps(st.specs[name].to_dict()),
+            "adaptkit.layers": json.dumps(layers)}
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".adaptkit-", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read an adaptkit file: (tensors, metadata); a clear error for anything else."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise AdaptkitError(f"load: no file at '{path}'")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types
+        raise AdaptkitError(
+            f"load: '{path}' is not a readable safetensors file ({type(e).__name__}: {e}); it may "
+            f"be truncated, or a pickle (.bin/.pt), which adaptkit never loads. Re-save it with "
+            f"ak.save") from None
+    fmt = meta.get("adaptkit.format")
+    if fmt != FORMAT:
+        raise AdaptkitError(
+            f"load: '{path}' has adaptkit.format={fmt!r}, expected {FORMAT!r}"
+            + ("; it is not an adaptkit file (a PEFT folder? use ak.peft_compat)" if fmt is None
+               else "; it was written by another adaptkit version: upgrade adaptkit"))
+    for k in ("adaptkit.spec", "adaptkit.layers"):
+        if k not in meta:
+            raise AdaptkitError(f"load: '{path}' lacks the metadata key {k!r}; re-save it with ak.save")
+    return tensors, meta
+
+
+def load(model: nn.Module, path: str | os.PathLike, name: str = "default") -> list[str]:
+    """Inject the file's adapter into ``model`` as ``name`` and load its tensors.
+
+    Everything is checked first (paths, base types and shapes, every key and tensor shape);
+    on any problem one AdaptkitError lists all of them and the model is unchanged."""
+    tensors, meta = read(path)
+    try:
+        spec = AdapterSpec.from_dict(json.loads(meta["adaptkit.spec"]))
+        layers = json.loads(meta["adaptkit.layers"])
+    except json.JSONDecodeError as e:
+        raise AdaptkitError(f"load: corrupt JSON metadata in '{path}': {e}") from None
+    problems = []
+    adapted = {p: d for p, d in layers.items() if d.get("method") == spec.method}
+    for p, d in adapted.items():
+        try:
+            m = model.get_submodule(p)
+        except AttributeError:
+            problems.append(f"module '{p}' is in the file but not in the model")
+            continue
+        if base_kind(m) != d.get("kind") or list(m.weight.shape) != d.get("shape"):
+            problems.append(f"'{p}': file has {d.get('base')} weight {d.get('shape')}, model has "
+                            f"{type(m).__name__} weight {list(getattr(m, 'weight', torch.empty(0)).shape)}")
+    if problems:
+        raise AdaptkitError(f"load '{path}': " + "; ".join(problems) + ". Nothing was loaded")
+    built, extras = plan(model, spec, name, paths=list(adapted),
+                         layer_states={p: d.get("state", {}) for p, d in adapted.items()})
+    expected: dict[str, tuple] = {}
+    for p, _, a in built:
+        for k, t in a.state_dict().items():
+            expected[f"{p}.{k}"] = tuple(t.shape)
+    params = dict(model.named_parameters())
+    for q in extras:
+        expected[q] = tuple(params[q].shape)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    shaped = [f"{k}: file {tuple(tensors[k].shape)} vs model {expected[k]}"
+              for k in sorted(set(expected) & set(tensors)) if tuple(tensors[k].shape) != expected[k]]
+    if missing or unexpected or shaped:
+        parts = [f"missing keys {missing}"] * bool(missing) + [f"unexpected keys {unexpected}"] * \
+            bool(unexpected) + [f"mis-shaped tensors [{'; '.join(shaped)}] (config vs checkpoint "
+                                f"rank?)"] * bool(shaped)
+        raise AdaptkitError(f"load '{path}' ({spec.method}): " + "; ".join(parts) +
+                            ". Nothing was loaded; the file does not fit this model/spec")
+    paths = attach(model, spec, name, built, extras)
+    with torch.no_grad():
+        for p, layer, a in built:
+            sd = {k: tensors[f"{p}.{k}"] for k in a.state_dict()}
+            a.load_state_dict(sd, strict=True)
+        for q in extras:
+            params[q].copy_(tensors[q])
+    return paths

@@ -1,0 +1,60 @@
+"""Merge adapters into the base weights and hand back the plain model.
+
+Every merge accumulates in fp32 (PEFT pain #3: bf16 merged != unmerged) and is checked for
+NaN/inf on every layer *before* any weight changes, so a bad adapter cannot leave a model
+half-merged.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .errors import AdaptkitError
+from .inject import refresh, state
+from .layer import adapted_layers
+
+
+def _check_finite(model: nn.Module, names_of) -> None:
+    bad = []
+    for path, layer in adapted_layers(model):
+        names = [n for n in names_of(layer) if not layer.adapters[n].merged]
+        if not names:
+            continue
+        w = layer.dense_weight(names)
+        if not torch.isfinite(w).all():
+            bad.append(f"'{path}' (adapters {names})")
+    if bad:
+        raise AdaptkitError(f"merge: non-finite (NaN/inf) merged weight at {', '.join(bad)}; "
+                            f"nothing was merged. Inspect or retrain those adapters")
+
+
+def merge(model: nn.Module, unload: bool = True) -> nn.Module:
+    """Fold the active adapters into the base weights.
+
+    unload=True (default): drop every adapter (inactive ones are discarded) and restore the
+    original module classes, state-dict keys and ``requires_grad`` flags; the returned model
+    has no trace of adaptkit and loads a base checkpoint with ``strict=True``.
+    unload=False: merge in place and keep the adapters, so ``unmerge(model)`` can undo it.
+    """
+    st = state(model)
+    active = set(st.active)
+    _check_finite(model, lambda layer: [n for n in layer.adapters if n in active])
+    for path, layer in adapted_layers(model):
+        layer.merge([n for n in layer.adapters if n in active], check=False)
+        if unload:
+            model.set_submodule(path, layer.unwrap())
+    if unload:
+        for n, p in model.named_parameters():
+            p.requires_grad_(st.frozen_from.get(n, True))
+        model.__dict__.pop("_adaptkit", None)
+    else:
+        refresh(model)
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo ``merge(model, unload=False)`` on every layer."""
+    for _, layer in adapted_layers(model):
+        layer.unmerge()
+    refresh(model)
+    return model

@@ -1,0 +1,8 @@
+"""The method registry: importing a method module registers its spec (one line per method).
+
+Every registered method is picked up by the shared conformance suite.
+"""
+from ..spec import METHODS
+from .lora import LoRA
+
+__all__ = ["METHODS", "LoRA"]

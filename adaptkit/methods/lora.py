@@ -1,0 +1,149 @@
+"""LoRA: Low-Rank Adaptation (Hu et al., 2021, arXiv 2106.09685), with rsLoRA
+(Kalajdzievski, 2023, arXiv 2312.03732), PiSSA (Meng et al., 2024, arXiv 2404.02948) and
+OLoRA (Büyükakyüz, 2024, arXiv 2406.01775) initialisations.
+
+    y = W0 x + b + s * B A drop(x),      s = alpha / r   (rsLoRA: alpha / sqrt(r))
+
+Shapes, for every base kind, on the (out, in_flat) view of the weight:
+    lora_A: (r, in_flat)   in_flat = in (Linear, GPT-2 Conv1D), in/groups * prod(kernel)
+                           (Conv), num_embeddings (Embedding)
+    lora_B: (out, r)
+    delta_weight = s * B @ A, reshaped to the base weight's native shape.
+
+Conv with groups == 1 runs A as a conv with the base's full geometry (stride, padding,
+dilation, padding_mode) then B as a 1x1 conv; grouped convs add the dense delta conv.
+Embedding looks rows of A^T up and multiplies by B^T; dropout does not apply to it (the
+input is indices), as in PEFT.
+
+Inits: "default" (A kaiming-uniform a=sqrt(5), B = 0; Embedding A = 0, B ~ N(0, 1), as
+PEFT), "gaussian" (A ~ N(0, 1/r), B = 0), "pissa" (top-r SVD of W), "olora" (QR of W).
+The residual inits subtract s * B A from W when attached, so the output is unchanged.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import AdaptkitError
+from ..layer import Adapter, AdaptedLayer
+from ..spec import AdapterSpec, register_method
+
+INITS = ("default", "gaussian", "pissa", "olora")
+
+
+def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def check_rank(owner: str, rank: int, layer: AdaptedLayer, path: str) -> None:
+    limit = min(layer.in_features, layer.out_features)
+    if rank > limit:
+        raise AdaptkitError(f"{owner}: rank={rank} exceeds min(in_features, out_features)={limit} "
+                            f"at '{path}'; use rank <= {limit} (rank_pattern can set it per layer)")
+
+
+@register_method
+@dataclass(frozen=True)
+class LoRA(AdapterSpec):
+    """LoRA spec. ``dropout`` acts on the adapter's input; ``use_rslora`` scales by
+    alpha/sqrt(r); ``init`` in {"default", "gaussian", "pissa", "olora"}."""
+
+    method = "lora"
+    dropout: float = 0.0
+    use_rslora: bool = False
+    init: str = "default"
+
+    def validate(self) -> None:
+        self._check_prob(type(self).__name__, "dropout", self.dropout)
+        if self.init not in INITS:
+            raise AdaptkitError(f"{type(self).__name__}: init={self.init!r} is not one of {INITS}")
+        if not isinstance(self.use_rslora, bool):
+            raise AdaptkitError(f"{type(self).__name__}: use_rslora must be a bool, got {self.use_rslora!r}")
+
+    def supports(self, kind: str) -> bool:
+        return True
+
+    def build(self, layer: AdaptedLayer, path: str) -> "LoRAAdapter":
+        r = self.rank_for(path)
+        check_rank(type(self).__name__, r, layer, path)
+        if self.init in ("pissa", "olora") and layer.kind == "embedding":
+            raise AdaptkitError(f"{type(self).__name__}: init={self.init!r} is not defined for "
+                                f"Embedding '{path}'; exclude it or use init='default'")
+        s = lora_scale(self.alpha_for(path), r, self.use_rslora)
+        return LoRAAdapter(layer, r, s, self.dropout, self.init)
+
+
+class LoRAAdapter(Adapter):
+    """The LoRA update on one layer; see the module docstring for the math and shapes."""
+
+    def __init__(self, layer: AdaptedLayer, rank: int, scale: float, dropout: float, init: str):
+        super().__init__()
+        w = layer.weight
+        kw = dict(device=w.device, dtype=w.dtype)
+        self.rank, self.scale, self.p, self.init = rank, float(scale), float(dropout), init
+        self.lora_A = nn.Parameter(torch.empty(rank, layer.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.empty(layer.out_features, rank, **kw))
+        self.reset(layer)
+        # grouped conv cannot factor into an A-conv and a 1x1 B-conv
+        self.dense_conv = layer.kind == "conv" and layer.groups != 1
+
+    @torch.no_grad()
+    def reset(self, layer: AdaptedLayer) -> None:
+        A, B, r = self.lora_A, self.lora_B, self.rank
+        if self.init in ("pissa", "olora"):
+            w = layer.to_2d(layer.weight.detach().float())  # (out, in_flat)
+            if self.init == "pissa":
+                U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+                sr = (S[:r] / self.scale).sqrt()
+                A.copy_(sr[:, None] * Vh[:r])
+                B.copy_(U[:, :r] * sr[None, :])
+            else:
+                Q, R = torch.linalg.qr(w)
+                A.copy_(R[:r])
+                B.copy_(Q[:, :r])
+        elif layer.kind == "embedding" and self.init == "default":
+            nn.init.zeros_(A)
+            nn.init.normal_(B)
+        else:
+            if self.init == "gaussian":
+                nn.init.normal_(A, std=1 / r)
+            else:
+                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            nn.init.zeros_(B)
+
+    def attach(self, layer: AdaptedLayer) -> None:
+        if self.init in ("pissa", "olora"):
+            with torch.no_grad():  # W <- W - s B A: the residual keeps the output unchanged
+                layer.weight.copy_(layer.weight.float() - self.delta_weight(layer))
+
+    def delta_weight(self, layer: AdaptedLayer) -> torch.Tensor:
+        d = self.scale * (self.lora_B.float() @ self.lora_A.float())  # (out, in_flat)
+        return layer.from_2d(d)
+
+    def apply(self, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
+        A, B, kind = self.lora_A, self.lora_B, layer.kind
+        if kind == "embedding":
+            h = F.embedding(x, A.t(), layer.padding_idx)  # (..., r)
+            return y + (self.scale * (h @ B.t())).to(y.dtype)
+        if self.p and self.training:
+            x = F.dropout(x, self.p, True)
+        x = x.to(A.dtype)
+        if kind != "conv":
+            h = F.linear(x, A)  # (..., r)
+            if y.dtype == B.dtype and y.dim() > 1:
+                # one fused y + s * h @ B^T kernel on the flattened tokens
+                out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), B.t(),
+                                  alpha=self.scale)  # (tokens, out)
+                return out.view(y.shape)
+            return y + (self.scale * F.linear(h, B)).to(y.dtype)
+        if self.dense_conv:
+            return y + layer._conv_forward(x, self.delta_weight(layer).to(A.dtype), None).to(y.dtype)
+        w = layer.weight
+        h = layer._conv_forward(x, A.view(self.rank, *w.shape[1:]), None)  # (N, r, *spatial)
+        nd = w.dim() - 2
+        conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+        return y + conv(h, (self.scale * B).view(*B.shape, *[1] * nd)).to(y.dtype)  # (out, r, 1..)

@@ -1,0 +1,131 @@
+"""The one target matcher: ``re.fullmatch`` of regexes against ``named_modules()`` paths.
+
+It serves ``targets``, ``exclude``, ``rank_pattern``, ``alpha_pattern`` and
+``modules_to_save`` alike. No suffix mode and no substring mode (PEFT has three matching
+rules across those fields, the root of several user issues: #2964, #3610, #1111).
+"""
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any, Iterable
+
+import torch.nn as nn
+
+from .errors import AdaptkitError
+from .layer import AdaptedLayer, base_kind
+
+ALL_LINEAR = "all-linear"
+
+
+@functools.lru_cache(maxsize=4096)
+def _compiled(pattern: str) -> re.Pattern:
+    return re.compile(pattern)
+
+
+def matches(patterns: Iterable[str] | str | None, path: str) -> bool:
+    """True when any regex fullmatches ``path``."""
+    if patterns is None:
+        return False
+    if isinstance(patterns, str):
+        patterns = (patterns,)
+    return any(_compiled(p).fullmatch(path) for p in patterns)
+
+
+def first_match(table: dict[str, Any], path: str, default: Any) -> Any:
+    """Value of the first key (in insertion order) that fullmatches ``path``."""
+    for k, v in table.items():
+        if _compiled(k).fullmatch(path):
+            return v
+    return default
+
+
+def layer_index(path: str, layers_pattern: tuple[str, ...] | None) -> int | None:
+    """The layer index of ``path``: the integer segment whose prefix (the path before it,
+    "" for a root ModuleList) fullmatches ``layers_pattern``; without a pattern, the first
+    integer segment."""
+    parts = path.split(".")
+    for i, seg in enumerate(parts):
+        if seg.isdigit():
+            prefix = ".".join(parts[:i])
+            if layers_pattern is None or matches(layers_pattern, prefix) or \
+                    matches(layers_pattern, parts[i - 1] if i else ""):
+                return int(seg)
+    return None
+
+
+def output_head(model: nn.Module) -> str | None:
+    """Path of the output head excluded by "all-linear": ``get_output_embeddings()`` when
+    the model has one, otherwise the last Linear-like module in ``named_modules()`` order."""
+    get = getattr(model, "get_output_embeddings", None)
+    if callable(get):
+        try:
+            head = get()
+        except Exception:  # noqa: BLE001 - a user model's method; fall back to order
+            head = None
+        if head is not None:
+            for name, m in model.named_modules():
+                if m is head:
+                    return name
+    last = None
+    for name, m in model.named_modules():
+        if base_kind(m) in ("linear", "conv1d_t"):
+            last = name
+    return last
+
+
+def select(model: nn.Module, spec) -> list[str]:
+    """Paths of the modules ``spec`` adapts, in ``named_modules()`` order (no side effects).
+
+    Wrapped layers match by their original path, so a second adapter can join a layer."""
+    all_linear = spec.targets == (ALL_LINEAR,)
+    head = output_head(model) if all_linear else None
+    out = []
+    for path, m in model.named_modules():
+        if not path or _inside_wrapper(path, model):
+            continue
+        if all_linear:
+            if base_kind(m) not in ("linear", "conv1d_t") or path == head:
+                continue
+        elif not matches(spec.targets, path):
+            continue
+        if matches(spec.exclude, path):
+            continue
+        if spec.layers_to_transform is not None:
+            idx = layer_index(path, spec.layers_pattern)
+            if idx is None or idx not in spec.layers_to_transform:
+                continue
+        out.append(path)
+    if not out:
+        names = [n for n, _ in model.named_modules() if n][:12]
+        raise AdaptkitError(
+            f"{type(spec).__name__}: targets={list(spec.targets)} matched no module "
+            f"(exclude={spec.exclude}, layers_to_transform={spec.layers_to_transform}). "
+            f"Patterns are re.fullmatch-ed against full paths; some real paths: {names}. "
+            f"Use e.g. targets=r'.*\\.{names[-1].split('.')[-1] if names else 'q_proj'}'")
+    return out
+
+
+def _inside_wrapper(path: str, model: nn.Module) -> bool:
+    """Paths below an AdaptedLayer (its adapter modules) are never targets."""
+    parent = path.rsplit(".", 1)[0] if "." in path else ""
+    while parent:
+        if isinstance(model.get_submodule(parent), AdaptedLayer):
+            return True
+        parent = parent.rsplit(".", 1)[0] if "." in parent else ""
+    return False
+
+
+def saved_modules(model: nn.Module, patterns: tuple[str, ...] | None) -> list[str]:
+    """Paths of the modules matching ``modules_to_save`` (outermost matches only)."""
+    if not patterns:
+        return []
+    out: list[str] = []
+    for path, _ in model.named_modules():
+        if path and matches(patterns, path) and not any(path.startswith(p + ".") for p in out):
+            out.append(path)
+    if not out:
+        raise AdaptkitError(f"modules_to_save={list(patterns)} matched no module; patterns are "
+                            f"re.fullmatch-ed against full paths such as "
+                            f"{[n for n, _ in model.named_modules() if n][:8]}")
+    return out
