@@ -1,4 +1,4 @@
-"""adaptkit: parameter-efficient fine-tuning for any torch.nn.Module, in pure PyTorch.
+r"""adaptkit: parameter-efficient fine-tuning for any torch.nn.Module, in pure PyTorch.
 
     import adaptkit as ak
     ak.inject(model, ak.LoRA(rank=16, alpha=32, targets=r".*\.(q|k|v|o)_proj"))

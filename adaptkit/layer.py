@@ -101,9 +101,12 @@ class AdaptedLayer(nn.Module):
         self._parameters.update(base._parameters)  # same Parameter objects: keys unchanged
         self._buffers.update(base._buffers)
         self._modules.update(base._modules)
+        if "bias" not in self._parameters:
+            self.__dict__["bias"] = None  # Embedding: lets base_op / adapters say layer.bias
         self.adapters = nn.ModuleDict()
         self.__dict__["_base"] = base  # kept outside the module tree
         self.__dict__["_active"] = ()  # unmerged active adapters, in order
+        self.__dict__["_active_names"] = []
 
     # ---- the base op and weight views --------------------------------------------------
     def base_op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -151,6 +154,7 @@ class AdaptedLayer(nn.Module):
 
     # ---- active set, merge / unmerge --------------------------------------------------
     def set_active(self, names: list[str]) -> None:
+        self.__dict__["_active_names"] = list(names)
         self.__dict__["_active"] = tuple(
             self.adapters[n] for n in names if n in self.adapters and not self.adapters[n].merged)
 
@@ -176,6 +180,7 @@ class AdaptedLayer(nn.Module):
             self.weight.copy_(w)
         for n in todo:
             self.adapters[n].merged = True
+        self.set_active(self._active_names)
 
     def unmerge(self) -> None:
         """Undo merges in reverse order (exact where the math allows)."""
@@ -188,6 +193,7 @@ class AdaptedLayer(nn.Module):
             self.adapters[n].merged = False
         with torch.no_grad():
             self.weight.copy_(w)
+        self.set_active(self._active_names)
 
     def unwrap(self) -> nn.Module:
         """The original module, holding this wrapper's (possibly merged) parameters."""

@@ -1,0 +1,11 @@
+"""One line per method: how the conformance suite builds its spec, which base kinds the
+method adapts, and its fp32 / bf16 tolerances. A method missing here fails the suite."""
+import adaptkit as ak
+
+TARGET = r"blocks\.0\.proj"
+
+# method -> (spec factory, supported kinds, (fp32 atol, bf16 atol))
+CASES = {
+    "lora": (lambda **kw: ak.LoRA(rank=3, alpha=5.0, targets=TARGET, **kw),
+             {"linear", "conv1d_t", "conv", "embedding"}, (2e-5, 3e-2)),
+}

@@ -1,0 +1,134 @@
+"""The DESIGN.md invariants, for every registered method x base type x bias x dtype.
+
+Adapter weights are randomised after injection (a zero B makes merge tests vacuous),
+alpha != rank, and the bases reach every branch (grouped / dilated / padded convs,
+transposed weights, embeddings)."""
+import copy
+
+import pytest
+import torch
+
+import adaptkit as ak
+from adaptkit.methods import METHODS
+from adaptkit.layer import AdaptedLayer
+from conformance.bases import BASES, Net
+from conformance.registry import CASES, TARGET
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PARAMS = [(m, b, bias, dt) for m in CASES for b in BASES for bias in (True, False) for dt in DTYPES
+          if BASES[b][0] in CASES[m][1] and not (b == "embedding" and bias)]
+
+
+def test_every_registered_method_has_a_case():
+    assert set(CASES) == set(METHODS)
+
+
+def _setup(method, base, bias, dt, randomise=True):
+    make, _, tols = CASES[method]
+    kind, mk, mkx = BASES[base]
+    torch.manual_seed(0)
+    net = Net(mk(bias)).to(DTYPES[dt])
+    ref = copy.deepcopy(net)
+    x = mkx(DTYPES[dt])
+    ak.inject(net, make())
+    layer = net.blocks[0]["proj"]
+    if randomise:
+        with torch.no_grad():
+            for p in layer.adapters["default"].parameters():
+                p.copy_(torch.randn_like(p) * 0.2)
+    return net, ref, x, layer, tols[0] if dt == "fp32" else tols[1]
+
+
+def _close(a, b, atol):
+    scale = max(1.0, b.float().abs().max().item())
+    torch.testing.assert_close(a.float(), b.float(), atol=atol * scale, rtol=atol)
+
+
+@pytest.mark.parametrize("method,base,bias,dt", PARAMS)
+def test_forward_equals_dense_reference(method, base, bias, dt):
+    net, _, x, layer, tol = _setup(method, base, bias, dt)
+    net.eval()
+    w = layer.dense_weight(["default"])  # fp32 W + delta_weight()
+    xf = x if x.dtype == torch.long else x.float()
+    want = layer.base_op(xf, w, None if layer.bias is None else layer.bias.float())
+    _close(net(x), want, tol)
+
+
+@pytest.mark.parametrize("method,base,bias,dt", PARAMS)
+def test_fresh_inject_keeps_output(method, base, bias, dt):
+    net, ref, x, _, tol = _setup(method, base, bias, dt, randomise=False)
+    net.eval(), ref.eval()
+    _close(net(x), ref(x), tol)
+
+
+@pytest.mark.parametrize("method,base,bias,dt", PARAMS)
+def test_keys_classes_and_merge(method, base, bias, dt):
+    net, ref, x, layer, tol = _setup(method, base, bias, dt)
+    net.eval()
+    base_keys = list(ref.state_dict())
+    sd = net.state_dict()
+    assert all(k in sd for k in base_keys)
+    missing, unexpected = net.load_state_dict(ref.state_dict(), strict=False)
+    assert not unexpected and all(".adapters." in k for k in missing)
+    w0 = layer.weight.detach().clone()
+    y = net(x)
+    layer.merge(["default"])
+    assert layer.adapters["default"].merged
+    _close(net(x), y, tol)                      # merged output == unmerged output
+    w1 = layer.weight.detach().clone()
+    layer.merge(["default"])                    # merging twice is a no-op
+    assert torch.equal(layer.weight, w1)
+    layer.unmerge()
+    _close(layer.weight, w0, tol)               # unmerge restores the base weight
+    if dt == "fp32":
+        assert not torch.equal(w1, w0)          # the merge did something
+    merged = ak.merge(net)
+    assert [type(m) for m in merged.modules()] == [type(m) for m in ref.modules()]
+    assert list(merged.state_dict()) == base_keys
+    _close(merged(x), y, tol)
+    ref.load_state_dict(merged.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("method,base,bias,dt", PARAMS)
+def test_gradients_reach_adapters_only(method, base, bias, dt):
+    net, _, x, layer, _ = _setup(method, base, bias, dt)
+    net.train()
+    out = net(x)
+    (out.float() ** 2).mean().backward()
+    for n, p in net.named_parameters():
+        if ".adapters." in n:
+            assert p.requires_grad and p.grad is not None and torch.isfinite(p.grad).all(), n
+        else:
+            assert not p.requires_grad and p.grad is None, n
+    assert isinstance(layer, AdaptedLayer)
+
+
+@pytest.mark.parametrize("method,base,bias,dt", PARAMS)
+def test_save_load_bit_exact(method, base, bias, dt, tmp_path):
+    net, ref, x, layer, _ = _setup(method, base, bias, dt)
+    net.eval()
+    f = tmp_path / "a.safetensors"
+    ak.save(net, f)
+    other = copy.deepcopy(ref)
+    ak.load(other, f)
+    other.eval()
+    for (k, a), (k2, b) in zip(sorted(net.state_dict().items()), sorted(other.state_dict().items())):
+        assert k == k2 and torch.equal(a, b), k
+    assert torch.equal(net(x), other(x))
+
+
+@pytest.mark.parametrize("method", list(CASES))
+def test_bias_modes_train_and_save_biases(method, tmp_path):
+    make, kinds, _ = CASES[method]
+    net = Net(torch.nn.Linear(24, 20))
+    ak.inject(net, make(bias="adapter_only"))
+    assert net.blocks[0]["proj"].bias.requires_grad
+    assert not net.blocks[0]["proj"].weight.requires_grad
+    with torch.no_grad():
+        net.blocks[0]["proj"].bias.add_(1.0)
+    ak.save(net, tmp_path / "b.safetensors")
+    fresh = Net(torch.nn.Linear(24, 20))
+    fresh.load_state_dict({k: v for k, v in net.state_dict().items() if ".adapters." not in k}
+                          | {"blocks.0.proj.bias": torch.zeros(20)})
+    ak.load(fresh, tmp_path / "b.safetensors")
+    assert torch.equal(fresh.blocks[0]["proj"].bias, net.blocks[0]["proj"].bias)

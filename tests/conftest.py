@@ -1,0 +1,32 @@
+"""Shared test fixtures: small bases of every kind, GPT-2-style Conv1D without transformers."""
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(__file__))
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+class Conv1D(nn.Module):
+    """GPT-2's transposed-weight Linear (transformers.pytorch_utils.Conv1D), re-typed here so
+    tests need no transformers: weight (in, out), y = x @ W + b."""
+
+    def __init__(self, nf, nx, bias=True):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.02)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.02) if bias else None
+
+    def forward(self, x):
+        y = x.reshape(-1, x.shape[-1]) @ self.weight
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.nf)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
