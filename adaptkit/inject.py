@@ -34,10 +34,9 @@ class State:
 
 
 def state(model: nn.Module) -> State:
-    st = model.__dict__.get("_adaptkit")
-    if st is None:
-        st = model.__dict__["_adaptkit"] = State()
-    return st
+    """The model's adaptkit state; an empty, unattached one if nothing was injected (so a
+    failed inject leaves no trace on the model)."""
+    return model.__dict__.get("_adaptkit") or State()
 
 
 def check_name(model: nn.Module, name: str) -> None:
@@ -99,7 +98,7 @@ def plan(model: nn.Module, spec: AdapterSpec, name: str, paths: list[str] | None
 
 def attach(model: nn.Module, spec: AdapterSpec, name: str, built, extras: list[str]) -> list[str]:
     """Second half of inject: put the planned layers in the model (cannot fail)."""
-    st = state(model)
+    st = model.__dict__.setdefault("_adaptkit", State())
     if not st.specs:
         st.frozen_from = {n: p.requires_grad for n, p in model.named_parameters()}
         for p in model.parameters():
