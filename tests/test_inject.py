@@ -1,0 +1,218 @@
+"""Targets, inject, the active set, disabled(), delete, summary, merge variants, combine."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import adaptkit as ak
+from adaptkit.layer import AdaptedLayer
+from adaptkit.targets import layer_index, select
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = nn.Linear(8, 8)
+        self.v_proj = nn.Linear(8, 8)
+        self.mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+
+    def forward(self, x):
+        return self.mlp(self.q_proj(x) + self.v_proj(x))
+
+
+class LM(nn.Module):
+    def __init__(self, n=3):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList([Block() for _ in range(n)])
+        self.lm_head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        for b in self.model.layers:
+            x = b(x)
+        return self.lm_head(x)
+
+
+def randomise(model, name="default"):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, AdaptedLayer) and name in m.adapters:
+                for p in m.adapters[name].parameters():
+                    p.normal_(std=0.2)
+
+
+def test_fullmatch_not_substring_or_suffix():
+    m = LM()
+    assert select(m, ak.LoRA(targets=r".*q_proj")) == [f"model.layers.{i}.q_proj" for i in range(3)]
+    with pytest.raises(ak.AdaptkitError):
+        select(m, ak.LoRA(targets="q_proj"))  # no suffix mode
+    got = select(m, ak.LoRA(targets=[r".*\.q_proj", r".*\.v_proj"], exclude=r".*\.1\..*"))
+    assert got == ["model.layers.0.q_proj", "model.layers.0.v_proj", "model.layers.2.q_proj",
+                   "model.layers.2.v_proj"]
+
+
+def test_all_linear_excludes_output_head():
+    got = select(LM(), ak.LoRA())
+    assert "lm_head" not in got and len(got) == 12
+
+
+def test_layers_to_transform_with_pattern_and_root_modulelist():
+    m = LM()
+    got = select(m, ak.LoRA(targets=r".*_proj", layers_to_transform=[0, 2], layers_pattern=r"model\.layers"))
+    assert got == ["model.layers.0.q_proj", "model.layers.0.v_proj", "model.layers.2.q_proj",
+                   "model.layers.2.v_proj"]
+    root = nn.ModuleList([nn.Linear(4, 4) for _ in range(4)])
+    assert select(root, ak.LoRA(rank=2, targets=r"\d", layers_to_transform=[1, 3])) == ["1", "3"]
+    assert layer_index("3.mlp.0", None) == 3
+    assert layer_index("model.layers.2.mlp.0", ("layers",)) == 2
+    assert layer_index("model.layers.2.mlp.0", (r"model\.layers\.\d\.mlp",)) == 0
+
+
+def test_rank_and_alpha_pattern_first_match_wins():
+    m = LM()
+    ak.inject(m, ak.LoRA(rank=4, alpha=8, targets=r".*_proj",
+                         rank_pattern={r".*\.0\..*": 2, r".*q_proj": 3}, alpha_pattern={r".*v_proj": 1.0}))
+    L = m.model.layers
+    assert L[0].q_proj.adapters["default"].rank == 2 and L[1].q_proj.adapters["default"].rank == 3
+    assert L[1].v_proj.adapters["default"].scale == 1.0 / 4
+    assert L[1].q_proj.adapters["default"].scale == 8 / 3
+
+
+def test_multiple_adapters_sum_and_active_set():
+    torch.manual_seed(0)
+    m = LM()
+    x = torch.randn(2, 8)
+    y0 = m(x)
+    ak.inject(m, ak.LoRA(rank=2, targets=r".*q_proj"), name="a")
+    ak.inject(m, ak.LoRA(rank=3, alpha=5, targets=r".*_proj"), name="b")
+    randomise(m, "a"), randomise(m, "b")
+    ya_b = m(x)
+    ak.set_active(m, "a")
+    ya = m(x)
+    assert all(not p.requires_grad for n, p in m.named_parameters() if ".adapters.b." in n)
+    assert all(p.requires_grad for n, p in m.named_parameters() if ".adapters.a." in n)
+    ak.set_active(m, ["b"])
+    yb = m(x)
+    # the layers are linear up to the GELU, so compare the first block's q_proj directly
+    q = m.model.layers[0].q_proj
+    xin = torch.randn(3, 8)
+    ak.set_active(m, ["a", "b"])
+    d = q.dense_weight(["a", "b"])
+    torch.testing.assert_close(q(xin), q.base_op(xin, d, q.bias))
+    assert not torch.allclose(ya, yb) and not torch.allclose(ya_b, ya)
+    with ak.disabled(m):
+        torch.testing.assert_close(m(x), y0)
+    torch.testing.assert_close(m(x), ya_b)
+    with pytest.raises(ak.AdaptkitError, match="unknown adapter"):
+        ak.set_active(m, ["c"])
+
+
+def test_disabled_with_merged_adapters_and_unmerge():
+    torch.manual_seed(0)
+    m = LM()
+    x = torch.randn(2, 8)
+    y0 = m(x)
+    ak.inject(m, ak.LoRA(rank=2, alpha=3, targets=r".*_proj"))
+    randomise(m)
+    y = m(x)
+    ak.merge(m, unload=False)
+    assert all(l.adapters["default"].merged for l in m.modules() if isinstance(l, AdaptedLayer))
+    torch.testing.assert_close(m(x), y, atol=1e-6, rtol=1e-5)
+    with ak.disabled(m):
+        torch.testing.assert_close(m(x), y0, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(m(x), y, atol=1e-6, rtol=1e-5)
+    from adaptkit.merge import unmerge
+    unmerge(m)
+    torch.testing.assert_close(m(x), y, atol=1e-6, rtol=1e-5)
+
+
+def test_delete_restores_plain_modules():
+    m = LM()
+    ref = copy.deepcopy(m)
+    ak.inject(m, ak.LoRA(rank=2, targets=r".*q_proj"), name="a")
+    ak.inject(m, ak.LoRA(rank=2, targets=r".*0\.v_proj"), name="b")
+    ak.delete(m, "a")
+    assert isinstance(m.model.layers[0].v_proj, AdaptedLayer)
+    assert type(m.model.layers[1].q_proj) is nn.Linear
+    ak.delete(m, "b")
+    assert [type(x) for x in m.modules()] == [type(x) for x in ref.modules()]
+    assert list(m.state_dict()) == list(ref.state_dict())
+
+
+def test_merge_restores_requires_grad_and_strict_roundtrip():
+    m = LM()
+    m.lm_head.weight.requires_grad_(False)
+    ref = copy.deepcopy(m)
+    ak.inject(m, ak.LoRA(rank=2, alpha=4, targets=r".*_proj"))
+    assert not any(p.requires_grad for n, p in m.named_parameters() if ".adapters." not in n)
+    randomise(m)
+    x = torch.randn(2, 8)
+    y = m(x)
+    merged = ak.merge(m)
+    assert {n: p.requires_grad for n, p in merged.named_parameters()} == \
+        {n: p.requires_grad for n, p in ref.named_parameters()}
+    ref.load_state_dict(merged.state_dict(), strict=True)
+    torch.testing.assert_close(ref(x), y, atol=1e-6, rtol=1e-5)
+    assert "_adaptkit" not in merged.__dict__
+
+
+def test_modules_to_save_trained_saved_and_loaded(tmp_path):
+    torch.manual_seed(0)
+    m = LM()
+    fresh = copy.deepcopy(m)
+    ak.inject(m, ak.LoRA(rank=2, targets=r".*q_proj", modules_to_save=r"lm_head"))
+    assert m.lm_head.weight.requires_grad and not m.model.layers[0].q_proj.weight.requires_grad
+    with torch.no_grad():
+        m.lm_head.weight.add_(1.0)
+    randomise(m)
+    ak.save(m, tmp_path / "a.safetensors")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert {"lm_head.weight", "lm_head.bias", "model.layers.0.q_proj.lora_A"} <= keys
+    assert not any(k.endswith("q_proj.weight") for k in keys)  # never base weights
+    ak.load(fresh, tmp_path / "a.safetensors")
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(fresh(x), m(x))
+
+
+def test_summary_counts():
+    m = LM()
+    ak.inject(m, ak.LoRA(rank=2, targets=r".*q_proj"))
+    s = ak.summary(m)
+    assert s.trainable == 3 * 2 * (8 + 8)
+    assert s.total == sum(p.numel() for p in m.parameters())
+    assert s.per_adapter["default"]["layers"] == 3
+    assert "trainable 96" in str(s)
+
+
+def test_combine_cat_is_exact_and_svd_truncates():
+    torch.manual_seed(0)
+    m = LM()
+    ak.inject(m, ak.LoRA(rank=2, alpha=3, targets=r".*_proj"), name="a")
+    ak.inject(m, ak.LoRA(rank=3, alpha=2, use_rslora=True, targets=r".*q_proj"), name="b")
+    randomise(m, "a"), randomise(m, "b")
+    q = m.model.layers[1].q_proj
+    want = 0.7 * q.adapters["a"].delta_weight(q) + 0.3 * q.adapters["b"].delta_weight(q)
+    ak.combine(m, {"a": 0.7, "b": 0.3}, name="mix")
+    torch.testing.assert_close(q.adapters["mix"].delta_weight(q), want, atol=1e-6, rtol=1e-5)
+    assert q.adapters["mix"].rank == 5 and m.model.layers[1].v_proj.adapters["mix"].rank == 2
+    ak.combine(m, {"a": 0.7, "b": 0.3}, name="low", method="svd", rank=1)
+    U, S, Vh = torch.linalg.svd(want)
+    torch.testing.assert_close(q.adapters["low"].delta_weight(q), S[0] * torch.outer(U[:, 0], Vh[0]),
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_combine_refuses_what_it_cannot_do_exactly():
+    m = LM()
+    ak.inject(m, ak.LoRA(rank=2, targets=r".*q_proj", bias="adapter_only"), name="a")
+    ak.inject(m, ak.LoRA(rank=2, targets=r".*v_proj"), name="b")
+    with pytest.raises(ak.AdaptkitError, match="bias / modules_to_save"):
+        ak.combine(m, {"a": 1.0, "b": 1.0})
+    with pytest.raises(ak.AdaptkitError, match="finite number"):
+        ak.combine(m, {"b": float("nan")})
+    with pytest.raises(ak.AdaptkitError, match="unknown adapter 'zz'"):
+        ak.combine(m, {"zz": 1.0})
+    with pytest.raises(ak.AdaptkitError, match="method='ties'"):
+        ak.combine(m, {"b": 1.0}, method="ties")
