@@ -18,7 +18,7 @@ source of truth (invariant 1), fast forward paths must agree with it.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -85,8 +85,26 @@ class Adapter(nn.Module):
         """Restore per-layer state before tensors are loaded (shapes may depend on it)."""
 
 
+@runtime_checkable
+class AdapterLayer(Protocol):
+    """What adaptkit's free functions (inject, merge, io, combine) rely on in a layer that
+    carries adapters: a ``ModuleDict`` of :class:`Adapter` by name, the base op and the
+    2D weight view, and per-layer merge bookkeeping. :class:`AdaptedLayer` implements it."""
+
+    adapters: nn.ModuleDict
+    kind: str
+
+    def base_op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
+    def set_active(self, names: list[str]) -> None: ...
+    def dense_weight(self, extra: list[str] | None = None) -> torch.Tensor: ...
+    def merge(self, names: list[str], check: bool = True) -> None: ...
+    def unmerge(self) -> None: ...
+    def unwrap(self) -> nn.Module: ...
+
+
 class AdaptedLayer(nn.Module):
-    """Mixin of the dynamic wrapper classes; see the module docstring."""
+    """Mixin of the dynamic wrapper classes (implements :class:`AdapterLayer`); see the
+    module docstring."""
 
     kind: str
     _base_cls: type
