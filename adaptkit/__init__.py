@@ -13,8 +13,9 @@ from .inject import delete, disabled, inject, set_active, summary
 from .io import load, save
 from .merge import merge
 from .methods import LoRA
+from .methods import MoRA, MoRALinear
 
 __all__ = [
-    "AdaptkitError", "LoRA", "combine", "delete", "disabled", "inject", "load", "merge",
+    "AdaptkitError", "LoRA", "MoRA", "MoRALinear", "combine", "delete", "disabled", "inject", "load", "merge",
     "save", "set_active", "summary",
 ]

@@ -37,6 +37,8 @@ def base_kind(m: nn.Module) -> str | None:
     is never imported."""
     if isinstance(m, AdaptedLayer):
         return m.kind
+    if getattr(m, "adaptkit_drop_in", False):
+        return None  # ak.MoRALinear carries its own update: wrapping it would drop that update
     if isinstance(m, nn.Linear):
         return "linear"
     if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):

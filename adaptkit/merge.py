@@ -14,8 +14,15 @@ from .inject import refresh, state
 from .layer import adapted_layers
 
 
+def _drop_ins(model: nn.Module):
+    """Modules carrying their own update (``ak.MoRALinear``, class flag ``adaptkit_drop_in``):
+    they offer ``merged``, ``dense_weight()``, ``adaptkit_merge(unload)``, ``unmerge()``."""
+    return [(p, m) for p, m in model.named_modules() if getattr(m, "adaptkit_drop_in", False)]
+
+
 def _check_finite(model: nn.Module, names_of) -> None:
-    bad = []
+    bad = [f"'{p}' ({type(m).__name__})" for p, m in _drop_ins(model)
+           if not m.merged and not torch.isfinite(m.dense_weight()).all()]
     for path, layer in adapted_layers(model):
         names = [n for n in names_of(layer) if not layer.adapters[n].merged]
         if not names:
@@ -43,7 +50,13 @@ def merge(model: nn.Module, unload: bool = True) -> nn.Module:
         layer.merge([n for n in layer.adapters if n in active], check=False)
         if unload:
             model.set_submodule(path, layer.unwrap())
-    if unload:
+    for path, m in _drop_ins(model):
+        new = m.adaptkit_merge(unload)
+        if new is not m and path:
+            model.set_submodule(path, new)
+        elif new is not m:
+            model = new  # the root itself was a drop-in
+    if unload and "_adaptkit" in model.__dict__:  # nothing injected: leave requires_grad alone
         for n, p in model.named_parameters():
             p.requires_grad_(st.frozen_from.get(n, True))
         model.__dict__.pop("_adaptkit", None)
@@ -56,5 +69,7 @@ def unmerge(model: nn.Module) -> nn.Module:
     """Undo ``merge(model, unload=False)`` on every layer."""
     for _, layer in adapted_layers(model):
         layer.unmerge()
+    for _, m in _drop_ins(model):
+        m.unmerge()
     refresh(model)
     return model

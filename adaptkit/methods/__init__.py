@@ -4,5 +4,6 @@ Every registered method is picked up by the shared conformance suite.
 """
 from ..spec import METHODS
 from .lora import LoRA
+from .mora import MoRA, MoRALinear
 
-__all__ = ["METHODS", "LoRA"]
+__all__ = ["METHODS", "LoRA", "MoRA", "MoRALinear"]

@@ -8,4 +8,6 @@ TARGET = r"blocks\.0\.proj"
 CASES = {
     "lora": (lambda **kw: ak.LoRA(rank=3, alpha=5.0, targets=TARGET, **kw),
              {"linear", "conv1d_t", "conv", "embedding"}, (2e-5, 3e-2)),
+    "mora": (lambda **kw: ak.MoRA(rank=3, mora_type=6, targets=TARGET, **kw),
+             {"linear", "conv1d_t"}, (2e-5, 3e-2)),
 }
