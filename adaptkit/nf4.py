@@ -1,0 +1,403 @@
+r"""Blockwise 4-bit NormalFloat (NF4) quantisation, bit-compatible with bitsandbytes.
+
+NF4 is the data type of QLoRA (Dettmers, Pagnoni, Holtzman, Zettlemoyer, "QLoRA: Efficient
+Finetuning of Quantized LLMs", NeurIPS 2023, §3): 16 quantiles of N(0, 1) rescaled to
+[-1, 1], with an exact zero. A weight ``W`` (any shape, ``n`` elements) is flattened
+row-major and cut into blocks of ``blocksize`` consecutive elements (the last one may be
+partial); per block ``b``
+
+    absmax_b = max_i |x_i|,     q_i = argmin_j |x_i / absmax_b - c_j|,     x_i ≈ c_{q_i} · absmax_b
+
+with the codebook ``c = NF4_CODE`` (16 fp32 values). Two 4-bit indices share a byte, the
+first element in the HIGH nibble: ``byte_k = q_{2k} << 4 | q_{2k+1}`` (odd ``n`` pads a 0).
+
+Double quantisation (QLoRA §3, "Double Quantization") stores the fp32 ``absmax`` vector as
+8-bit codes: ``offset = mean(absmax)``, then ``absmax - offset`` is quantised blockwise
+(``nested_blocksize`` = 256) with bitsandbytes' signed dynamic map (``DYNAMIC_CODE``, 256
+values) and an fp32 ``nested_absmax`` per nested block; ``absmax ≈ DYNAMIC_CODE[q8] ·
+nested_absmax + offset``. Storage: 4 + 8/64 + 32/(64·256) ≈ 4.127 bits per weight.
+
+Bit-compatibility with bitsandbytes 0.50.2 on CPU (``quantize_4bit`` / ``dequantize_4bit``,
+``quant_type="nf4"``): full blocks scale by the fp32 reciprocal ``x · (1/max(absmax, 1e-38))``,
+the partial tail block divides ``x / max(absmax, 1e-38)``; the index is the number of fp32
+midpoints ``(c_j + c_{j+1})/2`` strictly below the scaled value (ties go to the lower code);
+dequantisation is ``code · absmax`` in fp32, then one cast. The 8-bit absmax codes use the
+exact nearest code (bitsandbytes' pure-torch rule); its CPU C library uses an approximate
+search that can differ by one code on a few values.
+
+Implementation notes. Everything is vectorised torch (no loop over elements or blocks). Work
+runs in chunks of whole blocks (~128 Ki elements) through preallocated buffers: temporaries
+stay cache-resident and bounded (far below one extra fp32 copy of the weight), and no large
+tensor is allocated per step, since first-touch page faults on fresh multi-MB tensors cost
+more than the arithmetic. For the same reason large CPU outputs are allocated through numpy,
+which asks for transparent huge pages. The 16-way nearest-code search is a uniform look-up
+table plus one comparison (``_build_lut``), exact and ~6x faster than ``torch.bucketize``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import numpy as np
+import torch
+
+from .errors import AdaptkitError
+
+__all__ = ["NF4_CODE", "DYNAMIC_CODE", "NF4State", "quantize_nf4", "dequantize_nf4"]
+
+# The 16 NF4 values exactly as bitsandbytes has them (create_normal_map(offset=0.9677083),
+# normalised to max 1): 7 negatives, zero at index 7, 8 positives.
+NF4_CODE = torch.tensor(
+    [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+     -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0],
+    dtype=torch.float32,
+)
+
+
+def _dynamic_map() -> torch.Tensor:
+    """bitsandbytes ``create_dynamic_map(signed=True)``, recomputed with the same fp32 ops.
+
+    For exponent ``i = 0..6``: ``±10^(i-6) ·`` midpoints of ``linspace(0.1, 1, 2^i + 1)``,
+    plus 0 and 1, sorted: 256 values. (7 iterations over exponents, not over data.)
+    """
+    data = []
+    for i in range(7):  # max_exponent_bits=7, total_bits=8: no extra linear items
+        bounds = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0  # [2^i]
+        scale = 10 ** (i - 6)
+        data += [scale * means, -scale * means]  # fp32 tensor times a Python float, as bnb
+    data.append(torch.tensor([0.0, 1.0]))
+    return torch.cat(data).sort().values
+
+
+DYNAMIC_CODE = _dynamic_map()
+
+# Decision midpoints in fp32, exactly as bnb computes them: an index is #{midpoints < x}.
+_NF4_MID = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
+_DYN_MID = (DYNAMIC_CODE[:-1] + DYNAMIC_CODE[1:]) / 2
+
+
+def _build_lut(steps: int = 11):
+    """Uniform look-up table that replaces a 15-way binary search by 2 gathers + 1 compare.
+
+    The scaled value ``s`` in [-1, 1] lands in bin ``k = trunc(steps·s + steps)`` of width
+    ``1/steps``. With ``steps = 11`` every bin holds at most one NF4 midpoint and no midpoint
+    lies within 0.005 of a bin edge, far above the ~1e-6 rounding of ``k``. So
+    ``#{mid < s} = base[k] + (s > thr[k])``, where ``base[k]`` counts midpoints below the
+    bin and ``thr[k]`` is the bin's midpoint (2.0 when it has none): exact, ties included,
+    even for values rounded into a neighbouring bin (no midpoint lies between them and it).
+    """
+    nbins = 2 * steps + 2  # s can exceed 1 by an ulp: one spare bin past +1
+    edges = -1 + torch.arange(nbins + 1, dtype=torch.float64) / steps
+    mid = _NF4_MID.double()
+    inside = (mid[None, :] >= edges[:-1, None]) & (mid[None, :] < edges[1:, None])  # [bins, 15]
+    assert int(inside.sum(1).max()) <= 1
+    pos = mid[None, :] - edges[:-1, None]
+    margin = torch.minimum(pos, edges[1:, None] - mid[None, :])[inside].min()
+    assert float(margin) > 1e-3, "LUT bins too close to a midpoint"
+    base = (mid[None, :] < edges[:-1, None]).sum(1).to(torch.uint8)  # [bins]
+    thr = torch.where(inside.any(1), (inside.double() * mid[None, :]).sum(1), 2.0)
+    return float(steps), base, thr.float()  # thr holds the exact fp32 midpoints
+
+
+_LUT_STEPS, _LUT_BASE, _LUT_THR = _build_lut()
+_CHUNK = 1 << 17  # elements per chunk: 512 KiB of fp32, fits L2 with its temporaries
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+_HUGE = 4 << 20  # bytes from which CPU outputs are allocated through numpy
+_NP = {torch.float32: np.float32, torch.float16: np.uint16, torch.bfloat16: np.uint16,
+       torch.uint8: np.uint8}
+
+
+def _alloc(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Uninitialised [n] tensor. Large CPU outputs come from numpy, which madvises
+    MADV_HUGEPAGE: first-touch page faults on 4 KiB pages otherwise cost more than the
+    whole dequantisation (measured 1.5 vs 11 GB/s for fill on a fresh 64 MiB tensor)."""
+    if device.type != "cpu" or n * dtype.itemsize < _HUGE:
+        return torch.empty(n, dtype=dtype, device=device)
+    return torch.from_numpy(np.empty(n, dtype=_NP[dtype])).view(dtype)  # [n] (16-bit: bit view)
+
+
+def _pair_table(device: torch.device) -> torch.Tensor:
+    """[256] int64: byte -> (code[hi], code[lo]) as one 8-byte word, for one gather per byte."""
+    b = torch.arange(256)
+    pairs = torch.stack([NF4_CODE[b >> 4], NF4_CODE[b & 15]], 1)  # [256, 2] fp32
+    return pairs.contiguous().view(torch.int64).reshape(256).to(device)  # [256] int64
+
+
+@dataclass
+class NF4State:
+    """What :func:`dequantize_nf4` needs besides the packed bytes.
+
+    absmax: fp32 ``[ceil(n/blocksize)]``, or uint8 codes into ``DYNAMIC_CODE`` when double
+    quantised; nested_absmax: fp32 ``[ceil(nblocks/nested_blocksize)]`` or None; offset: fp32
+    0-d tensor or None; shape / dtype: of the original weight.
+    """
+
+    absmax: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int = 64
+    nested_absmax: Optional[torch.Tensor] = None
+    offset: Optional[torch.Tensor] = None
+    nested_blocksize: int = 256
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def block_absmax(self) -> torch.Tensor:
+        """fp32 absmax per block, ``DYNAMIC_CODE[q8]·nested_absmax + offset`` if nested."""
+        if not self.double_quant:
+            return self.absmax
+        code = DYNAMIC_CODE.to(self.absmax.device)[self.absmax.long()]  # [nblocks]
+        nb = self.nested_blocksize
+        full = code.numel() // nb * nb
+        out = torch.empty_like(code)  # [nblocks]; bnb multiplies in fp32, then adds offset
+        # [nested blocks, nb] * [nested blocks, 1] -> [nested blocks, nb]
+        out[:full].view(-1, nb).copy_(code[:full].view(-1, nb) * self.nested_absmax[: full // nb, None])
+        out[full:] = code[full:] * self.nested_absmax[full // nb:]  # partial nested block
+        return out.add_(self.offset)
+
+    def to_tensors(self, prefix: str = "weight") -> dict[str, torch.Tensor]:
+        """Tensors under bitsandbytes' ``QuantState.as_dict(packed=True)`` key names.
+
+        ``{prefix}.absmax``, ``{prefix}.quant_map`` and, if nested, ``{prefix}.nested_absmax``,
+        ``{prefix}.nested_quant_map``; the scalars travel as UTF-8 JSON bytes in
+        ``{prefix}.quant_state.bitsandbytes__nf4``. The packed weight itself goes under
+        ``{prefix}`` (bnb stores it as ``[ceil(n/2), 1]``).
+        """
+        meta = {"quant_type": "nf4", "blocksize": self.blocksize,
+                "dtype": _DTYPE_NAMES[self.dtype], "shape": list(self.shape)}
+        out = {f"{prefix}.absmax": self.absmax, f"{prefix}.quant_map": NF4_CODE.clone()}
+        if self.double_quant:
+            meta.update(nested_blocksize=self.nested_blocksize, nested_dtype="float32",
+                        nested_offset=float(self.offset))
+            out[f"{prefix}.nested_absmax"] = self.nested_absmax
+            out[f"{prefix}.nested_quant_map"] = DYNAMIC_CODE.clone()
+        out[f"{prefix}.quant_state.bitsandbytes__nf4"] = torch.tensor(
+            list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], prefix: str = "weight") -> "NF4State":
+        """Inverse of :meth:`to_tensors`; validates keys, maps and sizes (reads bnb files too)."""
+        def need(key: str) -> torch.Tensor:
+            if key not in tensors:
+                raise AdaptkitError(f"NF4: missing tensor '{key}' (have {sorted(tensors)[:8]}); "
+                                    f"was it saved with NF4State.to_tensors(prefix='{prefix}')?")
+            return tensors[key]
+
+        try:
+            meta = json.loads(bytes(need(f"{prefix}.quant_state.bitsandbytes__nf4").cpu().tolist()))
+            shape, bs, dtype = torch.Size(meta["shape"]), int(meta["blocksize"]), meta["dtype"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise AdaptkitError(f"NF4: unreadable quant_state JSON under '{prefix}': {e}") from None
+        if meta.get("quant_type") != "nf4":
+            raise AdaptkitError(f"NF4: quant_type={meta.get('quant_type')!r} at '{prefix}', expected 'nf4'")
+        names = {v: k for k, v in _DTYPE_NAMES.items()}
+        if dtype not in names:
+            raise AdaptkitError(f"NF4: dtype={dtype!r} at '{prefix}', expected one of {sorted(names)}")
+        if not torch.equal(need(f"{prefix}.quant_map").float().cpu(), NF4_CODE):
+            raise AdaptkitError(f"NF4: '{prefix}.quant_map' is not the NF4 codebook")
+        nested = f"{prefix}.nested_absmax" in tensors
+        state = cls(absmax=need(f"{prefix}.absmax"), shape=shape, dtype=names[dtype], blocksize=bs)
+        if nested:
+            if not torch.equal(need(f"{prefix}.nested_quant_map").float().cpu(), DYNAMIC_CODE):
+                raise AdaptkitError(f"NF4: '{prefix}.nested_quant_map' is not the dynamic map")
+            state.nested_absmax = tensors[f"{prefix}.nested_absmax"].float()
+            state.nested_blocksize = int(meta.get("nested_blocksize", 256))
+            state.offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32,
+                                        device=state.absmax.device)
+        state.validate(where=f"'{prefix}'")
+        return state
+
+    def validate(self, where: str = "NF4State") -> None:
+        """Raise AdaptkitError unless dtypes and sizes agree with shape and blocksizes."""
+        _check_blocksize(self.blocksize, "blocksize")
+        nblocks = -(-self.numel // self.blocksize)
+        want = torch.uint8 if self.double_quant else torch.float32
+        if self.absmax.dtype != want or self.absmax.numel() != nblocks:
+            raise AdaptkitError(
+                f"NF4: absmax at {where} is {self.absmax.dtype}[{self.absmax.numel()}], expected "
+                f"{want}[{nblocks}] for shape {tuple(self.shape)} and blocksize {self.blocksize}")
+        if self.double_quant:
+            _check_blocksize(self.nested_blocksize, "nested_blocksize")
+            nn_ = -(-nblocks // self.nested_blocksize)
+            if self.nested_absmax.numel() != nn_ or self.offset is None or self.offset.numel() != 1:
+                raise AdaptkitError(
+                    f"NF4: nested_absmax at {where} has {self.nested_absmax.numel()} values, expected "
+                    f"{nn_} (= ceil({nblocks}/{self.nested_blocksize})) plus a scalar offset")
+
+
+def _check_blocksize(bs, name: str) -> None:
+    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 2 or bs % 2:
+        raise AdaptkitError(f"NF4: {name}={bs!r} is invalid; use a positive even integer "
+                            f"(bitsandbytes uses 64 for weights and 256 for nested absmax)")
+
+
+def _nf4_index(s: torch.Tensor, lut, k: torch.Tensor, kf: torch.Tensor, thr: torch.Tensor,
+               gt: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """NF4 indices ``#{midpoints < s}`` of scaled values ``s`` into uint8 ``out`` via the
+    look-up table ``lut = (steps, base, thr)`` (already on s.device); k / kf / thr / gt are
+    scratch buffers with s's numel."""
+    steps, lut_base, lut_thr = lut
+    torch.add(steps, s, alpha=_LUT_STEPS, out=kf)  # steps + steps·s, in [-1e-6, 2·steps]
+    k.copy_(kf).clamp_(0, len(lut_base) - 1)  # fp32 -> int32 truncates (= floor here);
+    # the clamp only matters for inf/NaN input, which is rejected after the loop
+    torch.index_select(lut_base, 0, k, out=out)
+    torch.index_select(lut_thr, 0, k, out=thr)
+    torch.gt(s, thr, out=gt)
+    return out.add_(gt)
+
+
+def _count_below(s: torch.Tensor, mids: torch.Tensor) -> torch.Tensor:
+    """``#{mids < s}`` (= ``torch.bucketize(s, mids)``, ties lower) for sorted ``mids`` of
+    length 2^k - 1, by a vectorised binary search: k rounds of gather + compare into reused
+    buffers. 8x faster than bucketize for the 255 dynamic-map midpoints."""
+    table = torch.cat([mids, mids.new_full((1,), float("inf"))]).to(s.device)  # [2^k]
+    pos = torch.zeros(s.shape, dtype=torch.int32, device=s.device)
+    cand, thr = torch.empty_like(pos), torch.empty_like(s)
+    gt = torch.empty(s.shape, dtype=torch.bool, device=s.device)
+    step = len(table) // 2
+    while step:  # k rounds over the search depth, not over elements
+        torch.index_select(table, 0, torch.add(pos, step - 1, out=cand), out=thr)
+        pos.add_(torch.gt(s, thr, out=gt), alpha=step)
+        step //= 2
+    return pos
+
+
+def _blockwise_index(x: torch.Tensor, mids: torch.Tensor, bs: int):
+    """Small helper for the nested (8-bit) absmax and the partial NF4 tail: bnb's pure-torch
+    rule, reciprocal for full blocks and division for the tail. Returns (idx, absmax)."""
+    n = x.numel()
+    full = n // bs * bs
+    xb = x[:full].view(-1, bs)  # [full blocks, bs]
+    am = xb.abs().amax(1) if full else x.new_zeros(0)
+    scaled = [(xb * (1.0 / am.clamp(min=1e-38))[:, None]).reshape(-1)]  # [full]
+    if full < n:
+        tail_am = x[full:].abs().amax().clamp(min=1e-38)
+        am = torch.cat([am, tail_am[None]])
+        scaled.append(x[full:] / tail_am)
+    return _count_below(torch.cat(scaled), mids), am  # [n] int32, [blocks] fp32
+
+
+def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
+                 nested_blocksize: int = 256) -> tuple[torch.Tensor, NF4State]:
+    """Quantise ``w`` (fp32 / fp16 / bf16, any shape, ``n`` elements) to NF4.
+
+    Returns ``packed`` uint8 ``[ceil(n/2)]`` (first element in the high nibble) and an
+    :class:`NF4State`. Bit-identical to ``bitsandbytes.functional.quantize_4bit(w,
+    blocksize, compress_statistics=double_quant, quant_type="nf4")`` on CPU (packed bytes and
+    fp32 absmax; nested codes are exact-nearest, see the module docstring).
+    """
+    if not isinstance(w, torch.Tensor) or w.dtype not in _FLOAT_DTYPES:
+        got = w.dtype if isinstance(w, torch.Tensor) else type(w).__name__
+        raise AdaptkitError(f"NF4: cannot quantise a {got} tensor; expected float32, float16 "
+                            f"or bfloat16 (cast with .float() first)")
+    _check_blocksize(blocksize, "blocksize")
+    if double_quant:
+        _check_blocksize(nested_blocksize, "nested_blocksize")
+    n = w.numel()
+    if n == 0:
+        raise AdaptkitError(f"NF4: cannot quantise an empty tensor of shape {tuple(w.shape)}")
+    flat = w.detach().reshape(-1)  # [n]; copies only if w is not contiguous
+    dev, bs = w.device, blocksize
+    nfull = n // bs  # full blocks; a partial tail block follows if n % bs
+    packed = _alloc((n + 1) // 2, torch.uint8, dev)
+    absmax = torch.empty(-(-n // bs), dtype=torch.float32, device=dev)
+
+    per = max(1, _CHUNK // bs)  # whole blocks per chunk
+    c = min(per, nfull) * bs  # buffer numel (even: bs is even)
+    if nfull:
+        f32 = lambda: torch.empty(c, dtype=torch.float32, device=dev)  # noqa: E731
+        xbuf = f32() if flat.dtype != torch.float32 else None
+        s, kf, thr = f32(), f32(), f32()
+        k = torch.empty(c, dtype=torch.int32, device=dev)
+        gt = torch.empty(c, dtype=torch.bool, device=dev)
+        idx = torch.empty(c, dtype=torch.uint8, device=dev)
+        lut = (torch.tensor(_LUT_STEPS, device=dev), _LUT_BASE.to(dev), _LUT_THR.to(dev))
+        for b0 in range(0, nfull, per):  # loop over chunks of `per` blocks, not elements
+            b1 = min(b0 + per, nfull)
+            m = (b1 - b0) * bs
+            x = flat[b0 * bs: b1 * bs]
+            if xbuf is not None:  # fp16/bf16 -> fp32 is exact
+                x = xbuf[:m].copy_(x)
+            xb = x.view(-1, bs)  # [blocks, bs]
+            # |x| goes into the scratch that will hold the scaled values (aminmax is ~10x slower)
+            am = torch.amax(torch.abs(xb, out=s[:m].view(-1, bs)), 1, out=absmax[b0:b1])  # [blocks]
+            # bnb multiplies by the fp32 reciprocal (not a division): matters for ties
+            recip = 1.0 / am.clamp(min=1e-38)
+            sv = torch.mul(xb, recip[:, None], out=s[:m].view(-1, bs)).view(-1)  # [m]
+            q = _nf4_index(sv, lut, k[:m], kf[:m], thr[:m], gt[:m], idx[:m]).view(-1, 2)  # [m/2, 2]
+            torch.add(q[:, 1], q[:, 0], alpha=16, out=packed[b0 * bs // 2: b1 * bs // 2])
+    if nfull * bs < n:  # partial tail block: bnb divides here; pad an odd count with 0 (-> 7)
+        tail = flat[nfull * bs:].float()
+        q, am = _blockwise_index(tail, _NF4_MID, bs)  # all tail: division rule
+        absmax[-1] = am[0]
+        q = torch.cat([q, q.new_full((len(q) % 2,), 7)]).view(-1, 2)  # [ceil(r/2), 2]
+        packed[nfull * bs // 2:] = (q[:, 0] * 16 + q[:, 1]).to(torch.uint8)
+    if not torch.isfinite(absmax).all():
+        raise AdaptkitError(f"NF4: the tensor of shape {tuple(w.shape)} holds inf or NaN; "
+                            f"NF4 scales by the block absmax and needs finite values")
+    state = NF4State(absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=bs)
+    if double_quant:
+        offset = absmax.mean()  # fp32 scalar, as bnb (same torch reduction)
+        q8, nested = _blockwise_index(absmax - offset, _DYN_MID, nested_blocksize)
+        state.absmax, state.nested_absmax = q8.to(torch.uint8), nested
+        state.offset, state.nested_blocksize = offset, nested_blocksize
+    return packed, state
+
+
+def dequantize_nf4(packed: torch.Tensor, state: NF4State,
+                   dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Inverse of :func:`quantize_nf4`: ``NF4_CODE[nibble] · absmax`` in fp32, then one cast.
+
+    ``packed``: uint8 with ``ceil(n/2)`` elements (any shape, e.g. bnb's ``[ceil(n/2), 1]``).
+    Returns a tensor of ``state.shape`` in ``dtype`` (default ``state.dtype``), bit-identical
+    to ``bitsandbytes.functional.dequantize_4bit`` for the same state.
+    """
+    dtype = state.dtype if dtype is None else dtype
+    if dtype not in _FLOAT_DTYPES:
+        raise AdaptkitError(f"NF4: cannot dequantise to {dtype}; use float32, float16 or bfloat16")
+    state.validate()
+    n, bs = state.numel, state.blocksize
+    if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
+        raise AdaptkitError(f"NF4: packed weight is {packed.dtype}[{packed.numel()}], expected "
+                            f"uint8[{(n + 1) // 2}] for shape {tuple(state.shape)}")
+    dev = packed.device
+    pb = packed.reshape(-1)  # [ceil(n/2)]
+    absmax = state.block_absmax().to(dev)  # [nblocks] fp32
+    pairs = _pair_table(dev)
+    out = _alloc(n, dtype, dev)  # [n]
+    nfull = n // bs
+    per = max(1, _CHUNK // bs)
+    c = min(per, nfull) * bs
+    if nfull:
+        k = torch.empty(c // 2, dtype=torch.int32, device=dev)
+        buf = None if dtype == torch.float32 else torch.empty(c, dtype=torch.float32, device=dev)
+        for b0 in range(0, nfull, per):  # loop over chunks of `per` blocks
+            b1 = min(b0 + per, nfull)
+            m = (b1 - b0) * bs
+            dst = out[b0 * bs: b1 * bs] if buf is None else buf[:m]  # [m] fp32
+            k[: m // 2].copy_(pb[b0 * bs // 2: b1 * bs // 2])
+            # one 8-byte gather per packed byte writes both fp32 codes in element order
+            torch.index_select(pairs, 0, k[: m // 2], out=dst.view(torch.int64))  # [m/2] int64
+            dst.view(-1, bs).mul_(absmax[b0:b1, None])  # [blocks, bs] * [blocks, 1]
+            if buf is not None:
+                out[b0 * bs: b1 * bs].copy_(dst)  # one rounding fp32 -> dtype
+    if nfull * bs < n:  # partial tail block
+        # [ceil(r/2)] int64 -> [2·ceil(r/2)] fp32 codes -> the first r
+        tail = pairs[pb[nfull * bs // 2:].long()].view(torch.float32)[: n - nfull * bs]
+        out[nfull * bs:] = tail * absmax[-1]
+    return out.view(state.shape)  # [n] -> original shape
