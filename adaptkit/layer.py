@@ -63,6 +63,12 @@ class Adapter(nn.Module):
     """
 
     merged: bool = False
+    # True: when first in the active set, ``base_forward(x, layer)`` computes the base output
+    # (DoRA pushes its A rows through the same GEMM as x; see methods/dora.py)
+    fuses_base: bool = False
+
+    def base_forward(self, x: torch.Tensor, layer: "AdaptedLayer") -> torch.Tensor:
+        return layer.base_op(x, layer.weight, layer.bias)
 
     def apply(self, x: torch.Tensor, y: torch.Tensor, layer: "AdaptedLayer") -> torch.Tensor:
         raise NotImplementedError
@@ -167,8 +173,12 @@ class AdaptedLayer(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_op(x, self.weight, self.bias)
-        for a in self._active:
+        act = self._active
+        if act and act[0].fuses_base:
+            y = act[0].base_forward(x, self)
+        else:
+            y = self.base_op(x, self.weight, self.bias)
+        for a in act:
             y = a.apply(x, y, self)
         return y
 

@@ -6,6 +6,10 @@ TARGET = r"blocks\.0\.proj"
 
 # method -> (spec factory, supported kinds, (fp32 atol, bf16 atol))
 CASES = {
+    "dora": (lambda **kw: ak.DoRA(rank=3, alpha=5.0, targets=TARGET, **kw),
+             {"linear", "conv1d_t", "conv"}, (2e-5, 3e-2)),
+    "lokr": (lambda **kw: ak.LoKr(rank=1, alpha=5.0, decompose_both=True, use_effective_conv2d=True,
+                                  targets=TARGET, **kw), {"linear", "conv1d_t", "conv"}, (2e-5, 3e-2)),
     "lora": (lambda **kw: ak.LoRA(rank=3, alpha=5.0, targets=TARGET, **kw),
              {"linear", "conv1d_t", "conv", "embedding"}, (2e-5, 3e-2)),
     "mora": (lambda **kw: ak.MoRA(rank=3, mora_type=6, targets=TARGET, **kw),
