@@ -1,0 +1,322 @@
+"""Model benchmark: a small Llama-style decoder with random weights (hidden 512, 4 layers,
+8 heads, MLP 1376, vocab 32000; batch 4, seq 256, causal LM loss), rank-16 adapters on all seven
+projections, adaptkit side by side with PEFT (same weights) and the frozen base.
+
+    python benchmarks/bench_model.py [--quick] [--threads 1] [--dtype fp32|bf16] [--json PATH]
+                                     [--methods lora,...] [--no-peft] [--batch B] [--seq S]
+                                     [--modes fwd,bwd,train] [--torch-model]
+
+The model is ``transformers.LlamaForCausalLM`` built from a ``LlamaConfig`` (SDPA attention)
+when transformers is installed, else (or with ``--torch-model``) :class:`TinyLlama` below, with
+the same module paths and math.
+
+The frozen-base reference. With every base weight frozen and no input needing a gradient, the
+base's backward would be empty, which is no reference for an adapted model whose backward runs
+through every layer. So in all variants a forward hook makes the token embeddings' output
+require grad (what ``enable_input_require_grads`` does for gradient checkpointing): the frozen
+base step is the full forward plus the backward through all activations down to the embeddings
+(input gradients of every matmul, no weight gradients), and an adapter's step adds exactly its
+own work: the adapter forward, its input gradient and its weight gradients, and the AdamW step.
+That is the accounting behind the issue's extra-FLOPs figure (1.053x for LoRA rank 16); the
+``train FLOPs`` column is torch's FlopCounterMode count of matmul / attention FLOPs for the
+exact shapes run (1.032x with the 32000-way head included), the floor for the time ratio.
+
+Modes: fwd (eval forward with the loss, under no_grad), bwd (loss.backward() alone), train
+(zero_grad + forward + backward + AdamW step); peak MiB is the train step's high-water mark of
+live tensor bytes. PEFT runs with its defaults (``get_peft_model``; under a bf16 base its
+``autocast_adapter_dtype=True`` keeps the adapter weights in fp32). Also: merged vs unmerged
+logits (fp32, ``ak.merge``), and adaptkit vs PEFT logits with the same adapter weights.
+Targets for LoRA (fp32, 1 thread): train adaptkit/base <= 1.08 (bf16 <= 1.15), adaptkit/peft
+<= 1.0, merged vs unmerged max |diff| < 1e-5.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import time
+from types import SimpleNamespace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import _common as C
+from _common import ak
+
+RANK = 16
+TARGETS = r"model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+CONFIG = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+              num_key_value_heads=8, vocab_size=32000)
+TARGET_RATIO = {"fp32": 1.08, "bf16": 1.15}
+
+
+# ---- fallback model (no transformers) -------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(d)), eps
+
+    def forward(self, x):
+        h = x.float()
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def rotate_half(x):
+    a, b = x.chunk(2, dim=-1)  # (..., d/2) each
+    return torch.cat((-b, a), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d, bias=False) for _ in range(4))
+
+    def forward(self, x, cos, sin):
+        b, t, d = x.shape
+        q, k, v = (p(x).view(b, t, self.heads, -1).transpose(1, 2)  # (b, t, d) -> (b, heads, t, d/heads)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, heads, t, d/heads)
+        return self.o_proj(o.transpose(1, 2).reshape(b, t, d))  # -> (b, t, heads, d/h) -> (b, t, d)
+
+
+class MLP(nn.Module):
+    def __init__(self, d: int, f: int):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(d, f, bias=False), nn.Linear(d, f, bias=False)
+        self.down_proj = nn.Linear(f, d, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, f: int, heads: int):
+        super().__init__()
+        self.input_layernorm, self.post_attention_layernorm = RMSNorm(d), RMSNorm(d)
+        self.self_attn, self.mlp = Attention(d, heads), MLP(d, f)
+
+    def forward(self, x, cos, sin):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, c: dict):
+        super().__init__()
+        d = c["hidden_size"]
+        self.embed_tokens = nn.Embedding(c["vocab_size"], d)
+        self.layers = nn.ModuleList(Block(d, c["intermediate_size"], c["num_attention_heads"])
+                                    for _ in range(c["num_hidden_layers"]))
+        self.norm = RMSNorm(d)
+        hd = d // c["num_attention_heads"]
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, hd, 2).float() / hd), persistent=False)
+
+
+class TinyLlama(nn.Module):
+    """Llama decoder in plain torch with transformers' module paths (RMSNorm, RoPE, SDPA
+    causal attention, SiLU-gated MLP, untied head); ``forward(input_ids, labels)`` returns
+    ``.loss`` (next-token cross entropy) and ``.logits`` like ``LlamaForCausalLM``."""
+
+    def __init__(self, c: dict):
+        super().__init__()
+        self.model = Decoder(c)
+        self.lm_head = nn.Linear(c["hidden_size"], c["vocab_size"], bias=False)
+        for m in self.modules():  # Llama init: N(0, 0.02)
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def forward(self, input_ids, labels=None):
+        m = self.model
+        x = m.embed_tokens(input_ids)  # (b, t, d)
+        t = input_ids.shape[1]
+        ang = torch.outer(torch.arange(t, dtype=torch.float32), m.inv_freq)  # (t, hd/2)
+        ang = torch.cat((ang, ang), dim=-1)  # (t, hd)
+        cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+        for layer in m.layers:
+            x = layer(x, cos, sin)
+        logits = self.lm_head(m.norm(x))  # (b, t, vocab)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten())  # (b*(t-1), vocab)
+        return SimpleNamespace(loss=loss, logits=logits)
+
+
+USE_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+
+
+def build_model(dtype: torch.dtype, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    if USE_TRANSFORMERS:
+        from transformers import LlamaConfig, LlamaForCausalLM
+        model = LlamaForCausalLM(LlamaConfig(**CONFIG, attn_implementation="sdpa"))
+    else:
+        model = TinyLlama(CONFIG)
+    return model.to(dtype)
+
+
+def require_input_grads(model: nn.Module) -> None:
+    """The frozen-base reference (module docstring): embeddings' output requires grad."""
+    model.get_input_embeddings().register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))
+
+
+# ---- variants and measurements ----------------------------------------------------------------
+def build_variants(dtype, methods, peft):
+    base = build_model(dtype).requires_grad_(False)
+    require_input_grads(base)  # copied along by deepcopy, so every variant has it
+    variants: dict[str, nn.Module] = {"base": base}
+    for row in methods:
+        am = copy.deepcopy(base)
+        ak.inject(am, row.ak_spec(TARGETS, RANK))
+        C.nontrivial(am)
+        variants[f"{row.name}/adaptkit"] = am
+        if row.peft_config is not None:
+            pm = peft.get_peft_model(copy.deepcopy(base), row.peft_config(TARGETS, RANK))
+            if row.sync is not None:
+                row.sync(am, pm.base_model.model)
+            variants[f"{row.name}/peft"] = pm
+    return variants
+
+
+def model_cases(variants, ids):
+    opts = {n: (torch.optim.AdamW(C.trainable(m), lr=1e-4) if C.trainable(m) else None)
+            for n, m in variants.items()}
+
+    def fwd(m):
+        def run():
+            with torch.no_grad():
+                m(input_ids=ids, labels=ids)
+        return C.timed(run)
+
+    def bwd(m):
+        def run():
+            m.zero_grad(set_to_none=True)
+            loss = m(input_ids=ids, labels=ids).loss
+            t = time.perf_counter()
+            loss.backward()
+            return time.perf_counter() - t
+        return run
+
+    def train_step(m, opt):
+        def step():
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+            m(input_ids=ids, labels=ids).loss.backward()
+            if opt is not None:
+                opt.step()
+        return step
+
+    steps = {n: train_step(m, opts[n]) for n, m in variants.items()}
+    modes = {"fwd": {n: fwd(m) for n, m in variants.items()},
+             "bwd": {n: bwd(m) for n, m in variants.items()},
+             "train": {n: C.timed(s) for n, s in steps.items()}}
+    return modes, opts, steps
+
+
+@torch.no_grad()
+def logits_checks(methods, peft, ids) -> dict[str, dict[str, float]]:
+    """fp32, per method: max |merged - unmerged| logits (ak.merge), max |adapted - base| (the
+    adapter is not a no-op), and max |adaptkit - peft| with the same adapter weights."""
+    out = {}
+    base = build_model(torch.float32).eval()
+    ref = base(input_ids=ids).logits
+    for row in methods:
+        am = copy.deepcopy(base)
+        ak.inject(am, row.ak_spec(TARGETS, RANK))
+        C.nontrivial(am)
+        am.eval()
+        res = {}
+        unmerged = am(input_ids=ids).logits
+        res["adapted_vs_base"] = (unmerged - ref).abs().max().item()
+        if row.peft_config is not None and row.sync is not None:
+            pm = peft.get_peft_model(copy.deepcopy(base), row.peft_config(TARGETS, RANK)).eval()
+            row.sync(am, pm.base_model.model)
+            res["adaptkit_vs_peft"] = (unmerged - pm(input_ids=ids).logits).abs().max().item()
+        merged = ak.merge(am)
+        res["merged_vs_unmerged"] = (merged(input_ids=ids).logits - unmerged).abs().max().item()
+        out[row.name] = res
+    return out
+
+
+def main() -> None:
+    p = C.parser(__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=None, help="default 4 (quick: 2)")
+    p.add_argument("--seq", type=int, default=None, help="default 256 (quick: 128)")
+    p.add_argument("--torch-model", action="store_true",
+                   help="use the plain-torch TinyLlama even when transformers is installed")
+    args = p.parse_args()
+    global USE_TRANSFORMERS
+    USE_TRANSFORMERS = USE_TRANSFORMERS and not args.torch_model
+    C.set_threads(args.threads)
+    dtype = C.DTYPES[args.dtype]
+    peft = C.load_peft(args.no_peft)
+    methods = C.pick_methods(C.method_rows(peft), args.methods)
+    run_modes = C.pick_modes(args.modes)
+    batch = args.batch or (2 if args.quick else 4)
+    seq = args.seq or (128 if args.quick else 256)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 7)
+    impl = "transformers.LlamaForCausalLM" if USE_TRANSFORMERS else "TinyLlama (torch)"
+    print(f"bench_model: {impl} {CONFIG}, batch {batch}, seq {seq}, rank {RANK} on q,k,v,o,gate,up,down, "
+          f"{args.dtype}, {torch.get_num_threads()} thread(s), methods {[m.name for m in methods]}, "
+          f"PEFT {'on' if peft else 'off'}, warmup {warmup}, repeats {repeats} (interleaved)")
+
+    ids = torch.randint(0, CONFIG["vocab_size"], (batch, seq),
+                        generator=torch.Generator().manual_seed(0))  # (batch, seq) token ids
+    checks = logits_checks(methods, peft, ids)
+    for name, r in checks.items():
+        print(f"fp32 logits, {name}: " + ", ".join(f"max |{k.replace('_vs_', ' - ')}| = {v:.3g}" for k, v in r.items()))
+
+    variants = build_variants(dtype, methods, peft)
+    names = list(variants)
+    modes, opts, steps = model_cases(variants, ids)
+    res: dict[str, dict] = {n: {} for n in names}
+    for mode, cases in modes.items():
+        if mode not in run_modes:
+            continue
+        for n, s in C.interleaved(cases, warmup, repeats).items():
+            res[n][mode] = C.stats_ms(s)
+    for n, m in variants.items():
+        m.zero_grad(set_to_none=True)
+        resident = C.tensor_bytes(m, opts[n], ids)
+        dyn = C.dynamic_peak_bytes(steps[n])
+        res[n]["train_peak_mib"] = (resident + dyn) / C.MiB
+        res[n]["train_dynamic_mib"] = dyn / C.MiB
+        res[n]["train_gflop"] = C.train_gflop(steps[n])
+        res[n]["trainable_params"] = sum(q.numel() for q in C.trainable(m))
+
+    pairs = C.pair_ratios(names, [m.name for m in methods])
+    rat = C.ratios(res, pairs)
+    C.print_results(f"Llama-style model, batch {batch} x seq {seq}, {args.dtype} (median ms; peak MiB of a "
+                    f"train step)", res, rat, f"ratios (train: LoRA targets adaptkit/base <= "
+                    f"{TARGET_RATIO[args.dtype]}, adaptkit/peft <= 1.0)")
+
+    lora = rat.get("lora: adaptkit/base", {}).get("train")
+    vs_peft = rat.get("lora: adaptkit/peft", {}).get("train")
+    merged = checks.get("lora", {}).get("merged_vs_unmerged")
+    verdict = {
+        "train_vs_base": None if lora is None else {"value": lora, "target": TARGET_RATIO[args.dtype],
+                                                     "met": lora <= TARGET_RATIO[args.dtype]},
+        "train_vs_peft": None if vs_peft is None else {"value": vs_peft, "target": 1.0, "met": vs_peft <= 1.0},
+        "merged_vs_unmerged": None if merged is None else {"value": merged, "target": 1e-5, "met": merged < 1e-5},
+    }
+    if any(v is not None for v in verdict.values()):
+        print("\nLoRA targets: " + "; ".join(
+            f"{k} {v['value']:.3g} ({'met' if v['met'] else 'MISSED'}, target {v['target']:g})"
+            for k, v in verdict.items() if v is not None))
+    C.write_json(C.default_json("bench_model", args), {
+        "env": C.env_info(args),
+        "config": {"model": impl, **CONFIG, "batch": batch, "seq": seq, "rank": RANK, "alpha": 2 * RANK,
+                   "targets": TARGETS, "warmup": warmup, "repeats": repeats, "modes": run_modes,
+                   "methods": [m.name for m in methods], "peft": bool(peft),
+                   "frozen_base": "all base weights frozen; embedding output requires grad, so the "
+                                  "backward runs through every activation (input grads, no weight grads)"},
+        "logits_checks_fp32": checks, "results": res, "ratios": rat, "lora_targets": verdict})
+
+
+if __name__ == "__main__":
+    main()
