@@ -13,10 +13,11 @@ from .inject import delete, disabled, inject, set_active, summary
 from .io import load, save
 from .merge import merge
 from .methods import LoRA
+from .methods import GeoLoRA, GeoLoRAOptimizer
 from .methods import DoRA, LoKr
 from .methods import MoRA, MoRALinear
 
 __all__ = [
-    "AdaptkitError", "DoRA", "LoKr", "LoRA", "MoRA", "MoRALinear", "combine", "delete", "disabled", "inject", "load", "merge",
+    "AdaptkitError", "DoRA", "GeoLoRA", "GeoLoRAOptimizer", "LoKr", "LoRA", "MoRA", "MoRALinear", "combine", "delete", "disabled", "inject", "load", "merge",
     "save", "set_active", "summary",
 ]

@@ -4,8 +4,10 @@ Every registered method is picked up by the shared conformance suite.
 """
 from ..spec import METHODS
 from .lora import LoRA
+from .geolora import GeoLoRA
+from .geolora_optim import GeoLoRAOptimizer
 from .dora import DoRA
 from .lokr import LoKr
 from .mora import MoRA, MoRALinear
 
-__all__ = ["METHODS", "DoRA", "LoKr", "LoRA", "MoRA", "MoRALinear"]
+__all__ = ["METHODS", "DoRA", "GeoLoRA", "GeoLoRAOptimizer", "LoKr", "LoRA", "MoRA", "MoRALinear"]

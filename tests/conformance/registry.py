@@ -8,6 +8,8 @@ TARGET = r"blocks\.0\.proj"
 CASES = {
     "dora": (lambda **kw: ak.DoRA(rank=3, alpha=5.0, targets=TARGET, **kw),
              {"linear", "conv1d_t", "conv"}, (2e-5, 3e-2)),
+    "geolora": (lambda **kw: ak.GeoLoRA(rank=3, max_rank=7, alpha=5.0, targets=TARGET, **kw),
+                {"linear", "conv1d_t"}, (2e-5, 3e-2)),
     "lokr": (lambda **kw: ak.LoKr(rank=1, alpha=5.0, decompose_both=True, use_effective_conv2d=True,
                                   targets=TARGET, **kw), {"linear", "conv1d_t", "conv"}, (2e-5, 3e-2)),
     "lora": (lambda **kw: ak.LoRA(rank=3, alpha=5.0, targets=TARGET, **kw),
