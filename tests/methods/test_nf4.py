@@ -206,8 +206,12 @@ def test_any_even_blocksize_vs_reference(bs, dtype):
     assert torch.equal(st2.absmax.long(), q8) and torch.equal(st2.nested_absmax, am2)
 
 
-def test_large_tensor_crosses_chunks(bnbf):
-    x = torch.randn(500, 650)  # 325k elements: two full 128k-element chunks, a part and a tail
+@pytest.mark.parametrize("chunk", [1 << 12, 1 << 18])
+def test_many_chunks(bnbf, monkeypatch, chunk):
+    """Chunk boundaries (full chunks, a partial chunk, a partial block) leave no trace."""
+    import adaptkit.nf4 as nf4mod
+    monkeypatch.setattr(nf4mod, "_CHUNK", chunk)
+    x = torch.randn(300, 650) if chunk < 1 << 18 else torch.randn(1000, 650)
     for dq in (False, True):
         packed, st = quantize_nf4(x, 64, dq)
         pb, sb = bnbf.quantize_4bit(x, blocksize=64, compress_statistics=dq, quant_type="nf4")
@@ -215,8 +219,8 @@ def test_large_tensor_crosses_chunks(bnbf):
     idx, am = ref_quant(x, 64)
     _, plain = quantize_nf4(x, 64, double_quant=False)
     assert torch.equal(plain.absmax, am)
-    assert torch.equal(dequantize_nf4(packed, plain, torch.bfloat16).reshape(-1),
-                       ref_dequant(idx, am, 64, torch.bfloat16))
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(dequantize_nf4(packed, plain, dtype).reshape(-1), ref_dequant(idx, am, 64, dtype))
 
 
 # --------------------------------------------------------------------------- serialisation
