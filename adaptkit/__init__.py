@@ -15,9 +15,10 @@ from .merge import merge
 from .methods import LoRA
 from .methods import GeoLoRA, GeoLoRAOptimizer
 from .methods import DoRA, LoKr
+from .methods import LoRAMPO
 from .methods import MoRA, MoRALinear
 
 __all__ = [
-    "AdaptkitError", "DoRA", "GeoLoRA", "GeoLoRAOptimizer", "LoKr", "LoRA", "MoRA", "MoRALinear", "combine", "delete", "disabled", "inject", "load", "merge",
+    "AdaptkitError", "DoRA", "GeoLoRA", "GeoLoRAOptimizer", "LoKr", "LoRA", "LoRAMPO", "MoRA", "MoRALinear", "combine", "delete", "disabled", "inject", "load", "merge",
     "save", "set_active", "summary",
 ]

@@ -8,6 +8,7 @@ from .geolora import GeoLoRA
 from .geolora_optim import GeoLoRAOptimizer
 from .dora import DoRA
 from .lokr import LoKr
+from .lorampo import LoRAMPO
 from .mora import MoRA, MoRALinear
 
-__all__ = ["METHODS", "DoRA", "GeoLoRA", "GeoLoRAOptimizer", "LoKr", "LoRA", "MoRA", "MoRALinear"]
+__all__ = ["METHODS", "DoRA", "GeoLoRA", "GeoLoRAOptimizer", "LoKr", "LoRA", "LoRAMPO", "MoRA", "MoRALinear"]

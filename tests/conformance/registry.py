@@ -14,6 +14,8 @@ CASES = {
                                   targets=TARGET, **kw), {"linear", "conv1d_t", "conv"}, (2e-5, 3e-2)),
     "lora": (lambda **kw: ak.LoRA(rank=3, alpha=5.0, targets=TARGET, **kw),
              {"linear", "conv1d_t", "conv", "embedding"}, (2e-5, 3e-2)),
+    "lorampo": (lambda **kw: ak.LoRAMPO(rank=3, alpha=5.0, targets=TARGET, **kw),
+                {"linear", "conv1d_t"}, (2e-5, 3e-2)),
     "mora": (lambda **kw: ak.MoRA(rank=3, mora_type=6, targets=TARGET, **kw),
              {"linear", "conv1d_t"}, (2e-5, 3e-2)),
 }
