@@ -12,6 +12,7 @@ from .errors import AdaptkitError
 from .inject import delete, disabled, inject, set_active, summary
 from .io import load, save
 from .merge import merge
+from . import peft_compat  # ak.peft_compat: read / write PEFT adapter folders
 from .methods import LoRA
 from .methods import GeoLoRA, GeoLoRAOptimizer
 from .methods import DoRA, LoKr

@@ -110,6 +110,13 @@ def load(model: nn.Module, path: str | os.PathLike, name: str = "default") -> li
     Everything is checked first (paths, base types and shapes, every key and tensor shape);
     on any problem one AdaptkitError lists all of them and the model is unchanged."""
     tensors, meta = read(path)
+    return load_tensors(model, tensors, meta, name, os.fspath(path))
+
+
+def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, str],
+                 name: str = "default", path: str = "<memory>") -> list[str]:
+    """:func:`load` from tensors and metadata already in memory (format 1 layout; used by
+    ``ak.peft_compat``); ``path`` only names the source in errors."""
     try:
         spec = AdapterSpec.from_dict(json.loads(meta["adaptkit.spec"]))
         layers = json.loads(meta["adaptkit.layers"])

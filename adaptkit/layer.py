@@ -263,3 +263,32 @@ def wrap(base: nn.Module) -> AdaptedLayer:
 def adapted_layers(model: nn.Module):
     """(path, AdaptedLayer) pairs of ``model``."""
     return [(p, m) for p, m in model.named_modules() if isinstance(m, AdaptedLayer)]
+
+
+class _Conv1D(nn.Module):
+    """Stand-in for GPT-2's Conv1D, weight (in, out); ``base_kind`` knows it by its name."""
+
+    def __init__(self, nf: int, nx: int, device=None):
+        super().__init__()
+        self.nf, self.weight = nf, nn.Parameter(torch.empty(nx, nf, device=device))
+
+
+_Conv1D.__name__ = "Conv1D"
+
+
+def stand_in(kind: str, shape, weight: torch.Tensor | None = None) -> AdaptedLayer:
+    """A wrapped base of ``kind`` with weight ``shape`` and no model around it (a meta weight
+    unless ``weight`` is given): enough for ``spec.build`` / ``delta_weight`` /
+    ``merge_weight`` from a file's layer table (``ak.peft_compat``, the command line).
+    Conv geometry beyond the weight shape enters no delta."""
+    s = tuple(shape)
+    convs = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}
+    if kind not in KINDS or len(s) < 2 or kind == "conv" and len(s) not in convs:
+        raise AdaptkitError(f"unknown base kind {kind!r} with weight shape {list(s)}")
+    m = {"linear": lambda: nn.Linear(s[1], s[0], bias=False, device="meta"),
+         "conv1d_t": lambda: _Conv1D(s[1], s[0], device="meta"),
+         "embedding": lambda: nn.Embedding(s[0], s[1], device="meta"),
+         "conv": lambda: convs[len(s)](s[1], s[0], s[2:], bias=False, device="meta")}[kind]()
+    if weight is not None:
+        m.weight = nn.Parameter(weight, requires_grad=False)
+    return wrap(m)

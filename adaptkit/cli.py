@@ -1,0 +1,281 @@
+"""``python -m adaptkit`` / ``adaptkit``: inspect, merge and convert adapter files without
+model code.
+
+    adaptkit inspect ADAPTER                      spec, layers, parameter count, size
+    adaptkit merge BASE.safetensors ADAPTER -o OUT.safetensors [--prefix P]
+    adaptkit convert SRC -o DST [--base BASE.safetensors] [--prefix P]
+
+ADAPTER is an adaptkit ``.safetensors`` file or a PEFT adapter folder. ``merge`` works on
+state dicts: for every adapted path it rebuilds the adapter on a stand-in layer of the
+recorded kind holding the base weight ``<prefix><path>.weight``, adds ``merge_weight`` in
+fp32 (exactly what ``ak.merge`` does to a model) and casts back; ``modules_to_save`` and
+trained bias tensors replace the base's. The prefix (e.g. ``model.``) is found by itself
+when unambiguous.
+
+``convert`` works at file level (no model needed). adaptkit -> PEFT uses the file's layer
+table. PEFT -> adaptkit needs each adapted base's kind and weight shape, which PEFT does
+not store: they come from ``--base`` when given, otherwise from the adapter tensors (GPT-2
+Conv1D vs Linear from the config's ``fan_in_fan_out``; a LoKr conv with a low-rank w2 looks
+like a Linear, so give ``--base`` there). ``ak.load`` still checks every shape against the
+model, so a wrong guess is an error there, never a silent mismatch. PEFT's target patterns
+are not re-resolved without a model: the file's layers are taken as they are.
+
+Errors print one line, ``adaptkit: error: ...``, and exit with status 1 (2 for usage).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import __version__
+from .errors import AdaptkitError
+from .io import read
+from .layer import stand_in
+from .peft_compat import from_peft, group_keys, read_folder, spec_fields, to_peft, write_folder
+from .spec import AdapterSpec
+
+
+def _read_base(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    if not os.path.isfile(path):
+        raise AdaptkitError(f"no base file at '{path}'")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types
+        raise AdaptkitError(f"'{path}' is not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
+def _find_prefix(paths: list[str], keys, prefix: str | None, where: str) -> str:
+    """The prefix P with ``P + path + '.weight'`` in the base for every adapted path."""
+    if not paths:
+        raise AdaptkitError("the adapter has no adapted layers")
+    if prefix is not None:
+        miss = [p for p in paths if f"{prefix}{p}.weight" not in keys]
+        if miss:
+            raise AdaptkitError(f"{where} has no '{prefix}{miss[0]}.weight' ({len(miss)} adapted "
+                                f"weights missing); check --prefix")
+        return prefix
+    tail = f"{paths[0]}.weight"
+    cands = {k[:-len(tail)] for k in keys if k == tail or k.endswith("." + tail)}
+    ok = sorted(c for c in cands if all(f"{c}{p}.weight" in keys for p in paths))
+    if len(ok) != 1:
+        raise AdaptkitError(f"{where}: cannot tell where the adapted weights are (candidate key "
+                            f"prefixes {ok or 'none'} for '{tail}'); the base does not fit this "
+                            f"adapter, or pass --prefix")
+    return ok[0]
+
+
+def infer_layer(method: str, t: dict, fan_in_fan_out: bool, path: str) -> tuple[str, tuple]:
+    """(kind, weight shape) of a PEFT-adapted path from its tensors alone."""
+    if method == "lokr":  # out = a*b, in = c*d (* kernel); w2_a @ w2_b hides a conv kernel
+        try:
+            w1 = t["lokr_w1"].shape if "lokr_w1" in t else (t["lokr_w1_a"].shape[0], t["lokr_w1_b"].shape[1])
+            if "lokr_w2" in t:
+                b, d, *k = t["lokr_w2"].shape
+            elif "lokr_t2" in t:
+                b, d, k = t["lokr_w2_a"].shape[1], t["lokr_w2_b"].shape[1], list(t["lokr_t2"].shape[2:])
+            else:
+                b, d, k = t["lokr_w2_a"].shape[0], t["lokr_w2_b"].shape[1], []
+        except KeyError as e:
+            raise AdaptkitError(f"'{path}': LoKr tensor lokr_{e.args[0][5:]} missing; it has {sorted(t)}") from None
+        return ("conv" if k else "linear"), (w1[0] * b, w1[1] * d, *k)
+    if "lora_embedding_A" in t and "lora_embedding_B" in t:
+        return "embedding", (t["lora_embedding_A"].shape[1], t["lora_embedding_B"].shape[0])
+    a, b = t.get("lora_A.weight"), t.get("lora_B.weight")
+    if a is None or b is None:
+        raise AdaptkitError(f"'{path}': lora_A.weight / lora_B.weight missing; it has {sorted(t)}")
+    if a.dim() > 2:  # PEFT's grouped-conv B is (out, r / groups, 1..): shape checks refuse it
+        return "conv", (b.shape[0], *a.shape[1:])
+    return ("conv1d_t", (a.shape[1], b.shape[0])) if fan_in_fan_out else ("linear", (b.shape[0], a.shape[1]))
+
+
+_NAMES = {"linear": "Linear", "conv1d_t": "Conv1D", "embedding": "Embedding"}
+
+
+def _load_adapter(src: str, base: dict | None = None, prefix: str | None = None):
+    """(adaptkit tensors, metadata) of an adaptkit file or a PEFT folder; with ``base``
+    (a state dict), PEFT layers' kinds and shapes come from it."""
+    if not os.path.exists(src):
+        raise AdaptkitError(f"no adapter file or PEFT folder at '{src}'")
+    if not os.path.isdir(src):
+        return read(src)
+    cfg, tensors = read_folder(src)
+    method = spec_fields(cfg)[0]
+    fan = bool(cfg.get("fan_in_fan_out"))
+    pre = None if base is None else _find_prefix(list(group_keys(method, tensors)[0]), base, prefix, "base file")
+
+    def layer_of(p, t):
+        kind, shape = infer_layer(method, t, fan, p)
+        if pre is not None:
+            real = tuple(base[f"{pre}{p}.weight"].shape)
+            if len(real) > 2:
+                kind = "conv"
+            elif kind in ("linear", "conv1d_t") and real[0] != real[1]:  # orientation tells
+                kind = "linear" if real == (shape[::-1] if kind == "conv1d_t" else shape) else "conv1d_t"
+            shape = real
+        return kind, tuple(shape), _NAMES.get(kind) or f"Conv{len(shape) - 2}d"
+    out, meta, _ = from_peft(cfg, tensors, layer_of, where=f"'{src}'")
+    return out, meta
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def cmd_inspect(args) -> None:
+    tensors, meta = _load_adapter(args.adapter)
+    spec = json.loads(meta["adaptkit.spec"])
+    layers = json.loads(meta["adaptkit.layers"])
+    kind = "PEFT adapter folder" if os.path.isdir(args.adapter) else \
+        f"adaptkit format {meta['adaptkit.format']} (written by adaptkit {meta['adaptkit.version']})"
+    disk = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(args.adapter) for f in fs) \
+        if os.path.isdir(args.adapter) else os.path.getsize(args.adapter)
+    print(f"{args.adapter}: {kind}")
+    print(f"spec: {json.dumps(spec)}")
+    print(f"{'layer':40s} {'method':8s} {'base':10s} {'weight':>16s} {'params':>10s}")
+    for p, d in layers.items():
+        n = sum(t.numel() for k, t in tensors.items() if k.rsplit(".", 1)[0] == p
+                or d["method"] == "trained" and k.startswith(p + "."))
+        shape = "x".join(map(str, d.get("shape", []))) or "-"
+        print(f"{p or '<root>':40.40s} {d['method']:8.8s} {d['base']:10.10s} {shape:>16s} {n:10,d}")
+    total = sum(t.numel() for t in tensors.values())
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
+    print(f"{sum(d['method'] != 'trained' for d in layers.values())} adapted layers, "
+          f"{len(tensors)} tensors, {total:,} parameters ({_size(nbytes)} as {'/'.join(dtypes)}), "
+          f"{_size(disk)} on disk")
+
+
+def merge_layer(spec: AdapterSpec, path: str, d: dict, weight: torch.Tensor, tensors: dict):
+    """(fp32 merged weight, the adapter's tensor keys) of one layer, exactly as ``ak.load``
+    then ``ak.merge`` compute it: build, layer state, attach (residual inits), tensors,
+    ``merge_weight`` in fp32 on a stand-in layer holding a copy of the base weight."""
+    layer = stand_in(d["kind"], d["shape"], weight.clone())
+    a = spec.build(layer, path)
+    a.load_layer_state(d.get("state", {}), path)
+    names = {k: f"{path}.{k}" for k in a.state_dict()}
+    missing = sorted(q for q in names.values() if q not in tensors)
+    if missing:
+        raise AdaptkitError(f"the adapter lacks {missing} for '{path}'")
+    with torch.no_grad():
+        a.attach(layer)
+        try:
+            a.load_state_dict({k: tensors[q] for k, q in names.items()}, strict=True)
+        except RuntimeError as e:  # torch's size-mismatch report
+            raise AdaptkitError(f"'{path}': the adapter's tensors do not fit its spec "
+                                f"({' '.join(str(e).split())[:300]})") from None
+        merged = a.merge_weight(layer, layer.weight.float())
+    if not torch.isfinite(merged).all():
+        raise AdaptkitError(f"non-finite merged weight at '{path}'; nothing was written")
+    return merged, set(names.values())
+
+
+def cmd_merge(args) -> None:
+    base, base_meta = _read_base(args.base)
+    tensors, meta = _load_adapter(args.adapter, base, args.prefix)
+    spec = AdapterSpec.from_dict(json.loads(meta["adaptkit.spec"]))
+    layers = json.loads(meta["adaptkit.layers"])
+    paths = [p for p, d in layers.items() if d["method"] == spec.method]
+    pre = _find_prefix(paths, base, args.prefix, f"'{args.base}'")
+    bad = [f"'{pre}{p}.weight' is {list(base[pre + p + '.weight'].shape)}, the adapter was made for "
+           f"{layers[p]['shape']}" for p in paths if list(base[pre + p + ".weight"].shape) != layers[p]["shape"]]
+    if bad:
+        raise AdaptkitError(f"'{args.base}' does not fit '{args.adapter}': {'; '.join(bad)}")
+    own, merged = set(), {}
+    for i, p in enumerate(paths):
+        if not args.quiet:
+            done = (i + 1) * 30 // len(paths)
+            print(f"\rmerging [{'#' * done}{'.' * (30 - done)}] {i + 1}/{len(paths)} {p[:40]:40s}",
+                  end="\n" if i + 1 == len(paths) else "", file=sys.stderr, flush=True)
+        key = f"{pre}{p}.weight"
+        try:
+            merged[key], keys = merge_layer(spec, p, layers[p], base[key], tensors)
+        except BaseException:
+            if not args.quiet and i + 1 < len(paths):
+                print(file=sys.stderr)  # end the progress line: the error stays one line
+            raise
+        own.update(keys)
+    extras = sorted(set(tensors) - own)  # modules_to_save / trained biases replace the base's
+    bad = [f"'{pre}{q}' " + ("is missing" if pre + q not in base else
+                             f"is {list(base[pre + q].shape)} vs {list(tensors[q].shape)} in the adapter")
+           for q in extras if pre + q not in base or base[pre + q].shape != tensors[q].shape]
+    if bad:
+        raise AdaptkitError(f"'{args.base}' does not fit '{args.adapter}': {'; '.join(bad)}")
+    for key, w in merged.items():
+        base[key] = w.to(base[key].dtype)
+    for q in extras:
+        base[pre + q] = tensors[q].to(base[pre + q].dtype)
+    _atomic_save(base, args.output, base_meta)
+    print(f"wrote {args.output}: {len(paths)} merged layers, {len(extras)} replaced tensors")
+
+
+def _atomic_save(tensors: dict, path: str, metadata: dict) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise AdaptkitError(f"output folder '{folder}' does not exist")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        save_file({k: t.contiguous() for k, t in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def cmd_convert(args) -> None:
+    if os.path.isdir(args.src):  # PEFT folder -> adaptkit file
+        base = _read_base(args.base)[0] if args.base else None
+        tensors, meta = _load_adapter(args.src, base, args.prefix)
+        _atomic_save({k: t.contiguous().clone() for k, t in tensors.items()}, args.output, meta)
+        what = f"adaptkit file {args.output}"
+    else:  # adaptkit file -> PEFT folder
+        tensors, meta = _load_adapter(args.src)
+        cfg, out = to_peft(tensors, meta)
+        write_folder(args.output, cfg, out)
+        what = f"PEFT folder {args.output}"
+    n = sum(d["method"] != "trained" for d in json.loads(meta["adaptkit.layers"]).values())
+    print(f"wrote {what}: {json.loads(meta['adaptkit.spec'])['method']}, {n} layers")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="adaptkit", description="Inspect, merge and convert adapter "
+                                 "files (adaptkit .safetensors or PEFT adapter folders).")
+    ap.add_argument("--version", action="version", version=f"adaptkit {__version__}")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    p = sub.add_parser("inspect", help="show spec, layers, parameter count and size")
+    p.add_argument("adapter", help="adaptkit .safetensors file or PEFT adapter folder")
+    p.set_defaults(fn=cmd_inspect)
+    p = sub.add_parser("merge", help="fold an adapter into a base state dict (no model code)")
+    p.add_argument("base", help="base model weights (.safetensors)")
+    p.add_argument("adapter", help="adaptkit .safetensors file or PEFT adapter folder")
+    p.add_argument("-o", "--output", required=True, help="merged weights to write (.safetensors)")
+    p.add_argument("--prefix", help="key prefix of the base (e.g. 'model.'); found by itself if unique")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_merge)
+    p = sub.add_parser("convert", help="PEFT folder -> adaptkit file, or adaptkit file -> PEFT folder")
+    p.add_argument("src", help="PEFT adapter folder or adaptkit .safetensors file")
+    p.add_argument("-o", "--output", required=True, help="adaptkit file or PEFT folder to write")
+    p.add_argument("--base", help="base weights (.safetensors) giving PEFT layers' kinds and shapes")
+    p.add_argument("--prefix", help="key prefix of --base (e.g. 'model.')")
+    p.set_defaults(fn=cmd_convert)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except (AdaptkitError, OSError) as e:
+        msg = " ".join(str(e).split())  # one line, whatever the message holds
+        print(f"adaptkit: error: {msg}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,310 @@
+"""Read and write PEFT adapter folders (``adapter_config.json`` + ``adapter_model.safetensors``,
+PEFT 0.21.2) without importing peft:
+
+    paths = ak.peft_compat.read_peft(model, "peft_dir", name="default")   # alias load_peft
+    ak.peft_compat.write_peft(model, "peft_dir", name="default")          # alias save_peft
+
+Keys (under ``base_model.model.``) <-> adaptkit parameters of adapted path p, the same data:
+    LoRA  p.lora_A.weight (r, in[, *k]) <-> p.lora_A (r, in*prod(k)); p.lora_B.weight
+          (out, r[, 1..]) <-> p.lora_B (out, r); p.lora_embedding_A (r, V) / _B (d, r) <-> same
+    DoRA  + p.lora_magnitude_vector (out,) [conv (1, out, 1..)] <-> p.lora_magnitude (out,)
+    LoKr  p.lokr_w1 | lokr_w1_a, _b; lokr_w2 | lokr_w2_a, _b [, lokr_t2]: the same names
+    other m.<param> (modules_to_save); p.base_layer.bias <-> p.bias (bias "lora_only"/"all")
+Config semantics (PEFT's matching rules, options) live in :mod:`adaptkit.peft_config`. What
+PEFT computes that adaptkit cannot reproduce exactly is an AdaptkitError naming it. Reading
+checks every key and shape, then injects through ``ak.io.load_tensors``: on error the model
+is untouched.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import AdaptkitError
+from .inject import state
+from .io import FORMAT, _version, adapter_tensors, load_tensors
+from .layer import AdaptedLayer, base_kind, stand_in
+from .peft_config import pattern_value, peft_config, peft_targets, saved_names, saved_paths, spec_fields
+from .spec import METHODS, AdapterSpec
+from .targets import matches
+
+PREFIX = "base_model.model."
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+def _err(msg: str) -> AdaptkitError:
+    return AdaptkitError(f"peft_compat: {msg}")
+
+
+# ---- what PEFT computes like adaptkit, and the key / shape map ---------------------------
+def base_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``named_modules()`` without adaptkit's own adapter sub-modules."""
+    out, skip = {}, ()
+    for n, m in model.named_modules():
+        if n.startswith(skip):
+            continue
+        out[n] = m
+        if isinstance(m, AdaptedLayer):
+            skip += (f"{n}.adapters." if n else "adapters.",)
+    return out
+
+
+def check_layer(method: str, kind: str, shape, path: str, m: nn.Module | None = None) -> None:
+    """Refuse what PEFT computes differently: LoKr on GPT-2 Conv1D / Conv3d (not in PEFT) or
+    Conv1d (PEFT's ``kron(w1 (a, c), w2 (b, d, k))`` puts no kernel axis on w1); given the
+    module: LoRA on grouped / dilated convs (PEFT's A-conv keeps only stride and padding),
+    convs not zero-padded, embeddings with ``max_norm`` / ``embed_scale``."""
+    if method == "lokr" and not (kind == "linear" or kind == "conv" and len(shape) == 4):
+        raise _err(f"'{path}': PEFT's LoKr on a {kind} base with weight {list(shape)} differs from "
+                   f"adaptkit's (PEFT: Linear and Conv2d only; its Conv1d kron differs); exclude it")
+    if m is not None and kind == "conv" and (m.padding_mode != "zeros" or method != "lokr" and (
+            m.groups != 1 or any(d != 1 for d in m.dilation))):
+        raise _err(f"'{path}': PEFT's {method} on a conv with groups={m.groups}, dilation={m.dilation}, "
+                   f"padding_mode={m.padding_mode!r} computes another update (its conv is "
+                   f"ungrouped, undilated, zero-padded); exclude this layer")
+    if m is not None and kind == "embedding" and (m.max_norm is not None or hasattr(m, "embed_scale")):
+        raise _err(f"'{path}': PEFT's embedding LoRA applies max_norm / embed_scale, adaptkit's "
+                   f"does not; exclude this layer")
+
+
+def _peft_layout(method: str, kind: str, wshape, k: str, shape) -> tuple[str, tuple]:
+    """(PEFT key suffix, PEFT shape) of adaptkit parameter ``k`` (same data, reshaped)."""
+    if method == "lokr":
+        return k, tuple(shape)
+    ones = (1,) * (len(wshape) - 2) if kind == "conv" else ()
+    if k == "lora_magnitude":
+        return "lora_magnitude_vector", (1, *shape, *ones) if ones else tuple(shape)  # (1, out, 1..)
+    if kind == "embedding":
+        return k.replace("lora_", "lora_embedding_"), tuple(shape)
+    if kind == "conv" and k == "lora_A":
+        return "lora_A.weight", (shape[0], *wshape[1:])  # (r, in*prod(k)) -> (r, in, *k)
+    return f"{k}.weight", (*shape, *ones)  # conv B: (out, r) -> (out, r, 1, ..)
+
+
+# ---- file level: PEFT (config, tensors) <-> adaptkit (tensors, metadata) -----------------
+def group_keys(method: str, tensors: dict, where: str = "PEFT adapter") -> tuple[dict, dict]:
+    """PEFT keys -> ({adapted path: {key suffix: tensor}}, {other key without prefix: tensor})."""
+    bad = [k for k in tensors if not k.startswith(PREFIX)]
+    if bad:
+        raise _err(f"{where}: keys {bad[:5]} lack the '{PREFIX}' prefix; not a PEFT adapter file")
+    groups, rest, pre = {}, {}, "lokr_" if method == "lokr" else "lora_"
+    for key, t in tensors.items():
+        segs = key[len(PREFIX):].split(".")
+        i = next((i for i, s in enumerate(segs) if s.startswith(pre)), None)
+        if i is None:
+            rest[".".join(segs)] = t
+        else:
+            groups.setdefault(".".join(segs[:i]), {})[".".join(segs[i:])] = t
+    return groups, rest
+
+
+def from_peft(cfg: dict, tensors: dict, layer_of, saved=None, where: str = "PEFT adapter",
+              order=()) -> tuple[dict, dict, list[str]]:
+    """PEFT config + tensors -> (adaptkit tensors, adaptkit metadata, adapted paths).
+    ``layer_of(path, peft_tensors) -> (kind, weight shape, base class name)``; ``saved``: the
+    modules_to_save paths (default: key prefixes ending with an item); ``order``: module names."""
+    method, kw = spec_fields(cfg)
+    groups, rest = group_keys(method, tensors, where)
+    pos = {n: i for i, n in enumerate(order)}
+    paths = sorted(groups, key=lambda p: pos.get(p, len(pos)))
+    if not paths:
+        raise _err(f"{where}: no {method} tensors in the file")
+    if saved is None:  # no model: candidates are the module prefixes of the other keys
+        segs = [k.split(".") for k in rest]
+        saved = saved_paths(saved_names(cfg), dict.fromkeys(".".join(s[:j]) for s in segs for j in range(1, len(s))))
+    bias, out, unexpected = kw.get("bias", "none"), {}, []
+    for k, t in rest.items():
+        m = next((s for s in saved if k.startswith(s + ".")), None)
+        if m is not None:  # with bias="all" PEFT also stores the wrapper's inner copies: drop
+            if not k.startswith((m + ".original_module.", m + ".modules_to_save.")):
+                out[k] = t
+        elif k.endswith(".base_layer.bias") and k[:-16] in groups and bias != "none":
+            out[k[:-16] + ".bias"] = t
+        elif k.rsplit(".", 1)[-1] == "bias" and bias == "all":
+            out[k] = t
+        else:
+            unexpected.append(PREFIX + k)
+    esc = {p: re.escape(p) for p in paths}
+    pats = {f: {esc[p]: v for p in paths if (v := pattern_value(cfg.get(f) or {}, p, kw[d])) != kw[d]}
+            for f, d in (("rank_pattern", "rank"), ("alpha_pattern", "alpha"))}
+    try:
+        spec = METHODS[method](**kw, **pats, targets=list(esc.values()),
+                               modules_to_save=[re.escape(s) for s in saved] or None)
+    except (TypeError, AdaptkitError) as e:
+        raise _err(f"{where}: the config does not map to an adaptkit spec: {e}") from None
+    layers, problems = {}, [f"unexpected keys {unexpected}"] * bool(unexpected)
+    for p in paths:
+        got = groups[p]
+        try:
+            kind, shape, base = layer_of(p, got)
+            check_layer(method, kind, shape, p)
+            if not spec.supports(kind):
+                raise _err(f"{type(spec).__name__} cannot adapt '{p}' ({base}): PEFT's form has no "
+                           f"adaptkit counterpart")
+            a = spec.build(stand_in(kind, shape), p)
+        except AdaptkitError as e:
+            problems.append(str(e).removeprefix("peft_compat: "))
+            continue
+        want = {_peft_layout(method, kind, shape, k, v.shape): (k, v.shape) for k, v in a.state_dict().items()}
+        miss = sorted(pk for pk, _ in want if pk not in got)
+        extra = sorted(set(got) - {pk for pk, _ in want})
+        if miss:
+            problems.append(f"'{p}': missing {miss}")
+        if extra:
+            problems.append(f"'{p}': unexpected {extra}")
+        for (pk, ps), (k, ashape) in want.items():
+            if pk in got and tuple(got[pk].shape) != ps:
+                problems.append(f"'{p}.{pk}': file {tuple(got[pk].shape)} vs config {ps} at r={spec.rank_for(p)}")
+            elif pk in got:
+                out[f"{p}.{k}"] = got[pk].reshape(ashape)  # PEFT layout -> adaptkit's (a view)
+        layers[p] = {"method": method, "base": base, "kind": kind, "shape": list(shape), "state": a.layer_state()}
+    if problems:
+        raise _err(f"{where}: " + "; ".join(problems) + ". Nothing was loaded")
+    for k in list(out):
+        layers.setdefault(k.rsplit(".", 1)[0], {"method": "trained", "base": "unknown"})
+    meta = {"adaptkit.format": FORMAT, "adaptkit.version": _version(),
+            "adaptkit.spec": json.dumps(spec.to_dict()), "adaptkit.layers": json.dumps(layers)}
+    return out, meta, paths
+
+
+def to_peft(tensors: dict, meta: dict, names: list[str] | None = None) -> tuple[dict, dict]:
+    """adaptkit tensors + metadata -> (PEFT config, PEFT tensors). ``names`` (the base model's
+    module names) lets modules_to_save be checked against PEFT's suffix matching."""
+    spec = AdapterSpec.from_dict(json.loads(meta["adaptkit.spec"]))
+    if spec.method not in ("lora", "dora", "lokr"):
+        raise _err(f"method {spec.method!r} has no PEFT form; PEFT interop covers lora, dora, lokr")
+    layers = {p: d for p, d in json.loads(meta["adaptkit.layers"]).items() if d.get("method") == spec.method}
+    out, used, problems = {}, set(), []
+    for p, d in layers.items():
+        check_layer(spec.method, d["kind"], d["shape"], p)
+        if d.get("state"):
+            problems.append(f"'{p}' carries per-layer state {d['state']} PEFT cannot store")
+            continue
+        for k, v in spec.build(stand_in(d["kind"], d["shape"]), p).state_dict().items():
+            t = tensors.get(f"{p}.{k}")
+            used.add(f"{p}.{k}")
+            if t is None or t.shape != v.shape:
+                problems.append(f"'{p}.{k}': {None if t is None else list(t.shape)} vs spec {list(v.shape)}")
+                continue
+            pk, ps = _peft_layout(spec.method, d["kind"], d["shape"], k, v.shape)
+            out[f"{PREFIX}{p}.{pk}"] = t.reshape(ps)  # adaptkit layout -> PEFT's
+    if problems:
+        raise _err("the adapter's tensors do not fit its spec: " + "; ".join(problems))
+    saved: list[str] = []
+    for q in sorted(set(tensors) - used):
+        s = q.split(".")
+        m = next((".".join(s[:j]) for j in range(1, len(s)) if matches(spec.modules_to_save, ".".join(s[:j]))), None)
+        if m is None and q.endswith(".bias") and spec.bias != "none":
+            out[PREFIX + (q[:-5] + ".base_layer.bias" if q[:-5] in layers else q)] = tensors[q]
+            continue
+        if m is None:
+            raise _err(f"tensor '{q}' is neither an adapter parameter, a trained bias nor in modules_to_save")
+        saved += [m] * (m not in saved)
+        out[PREFIX + q] = tensors[q]
+    for s in saved:
+        other = [n for n in (names if names is not None else list(layers) + saved) if n.endswith(s) and n != s]
+        if other or any(re.match(rf"(^|.*\.){s}($|\..*)", p) for p in layers):
+            raise _err(f"modules_to_save '{s}' would also select {other or 'adapted layers'} in "
+                       f"PEFT (it matches by suffix); rename the module or drop it from modules_to_save")
+    return peft_config(spec, layers, saved), out
+
+
+# ---- folders -----------------------------------------------------------------------------
+def read_folder(folder) -> tuple[dict, dict]:
+    """(config, tensors) of a PEFT adapter folder, with a clear error for anything else."""
+    folder = os.fspath(folder)
+    cfg_path, w_path = os.path.join(folder, CONFIG), os.path.join(folder, WEIGHTS)
+    if not os.path.isdir(folder):
+        raise _err(f"'{folder}' is not a folder (a PEFT adapter is a folder with {CONFIG})")
+    if not os.path.isfile(cfg_path):
+        subs = sorted(d for d in os.listdir(folder) if os.path.isfile(os.path.join(folder, d, CONFIG)))
+        hint = f"; PEFT keeps named adapters in sub-folders: {subs}, pass one of them" if subs else ""
+        raise _err(f"no {CONFIG} in '{folder}'{hint}")
+    if not os.path.isfile(w_path):
+        pickle = os.path.isfile(os.path.join(folder, "adapter_model.bin"))
+        hint = ("; adapter_model.bin is a pickle, which adaptkit never loads: re-save the adapter "
+                "with PEFT's save_pretrained(..., safe_serialization=True)") if pickle else ""
+        raise _err(f"no {WEIGHTS} in '{folder}'{hint}")
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except ValueError as e:  # JSON and Unicode decoding errors
+        raise _err(f"'{cfg_path}' is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise _err(f"'{cfg_path}' must hold a JSON object, got {type(cfg).__name__}")
+    try:
+        with safe_open(w_path, framework="pt") as f:
+            return cfg, {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types
+        raise _err(f"'{w_path}' is not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
+def write_folder(folder, cfg: dict, tensors: dict) -> None:
+    """Write adapter_config.json and adapter_model.safetensors, each atomically."""
+    folder = os.fspath(folder)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise _err(f"'{folder}' exists and is not a folder")
+    os.makedirs(folder, exist_ok=True)
+    tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()}
+    for fname in (WEIGHTS, CONFIG):
+        fd, tmp = tempfile.mkstemp(prefix=".adaptkit-", suffix=".tmp", dir=folder)
+        os.close(fd)
+        try:
+            if fname == WEIGHTS:
+                save_file(tensors, tmp, metadata={"format": "pt"})
+            else:
+                with open(tmp, "w") as f:
+                    json.dump(cfg, f, indent=2, sort_keys=True)
+            os.replace(tmp, os.path.join(folder, fname))
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+# ---- model level -------------------------------------------------------------------------
+def read_peft(model: nn.Module, folder, name: str = "default") -> list[str]:
+    """Inject the PEFT adapter in ``folder`` into ``model`` as adapter ``name``; returns the
+    adapted paths. The config's targets (PEFT's rules, on ``model``) must be the file's layers."""
+    cfg, tensors = read_folder(folder)
+    where, modules = f"'{os.fspath(folder)}'", base_modules(model)
+    method, targets = spec_fields(cfg)[0], peft_targets(cfg, modules)
+
+    def layer_of(p, _):
+        m = modules.get(p)
+        if base_kind(m) is None:
+            raise _err(f"'{p}' is in the file but {'not in the model' if m is None else type(m).__name__}")
+        check_layer(method, base_kind(m), m.weight.shape, p, m)
+        return base_kind(m), tuple(m.weight.shape), type(m).__name__
+
+    out, meta, paths = from_peft(cfg, tensors, layer_of, saved_paths(saved_names(cfg), modules),
+                                 where, order=list(modules))
+    miss, extra = [p for p in targets if p not in paths], [p for p in paths if p not in targets]
+    if miss or extra:
+        parts = [f"select {miss}, which have no tensors in the file"] * bool(miss) + \
+            [f"do not select {extra}, which the file adapts"] * bool(extra)
+        raise _err(f"{where}: on this model target_modules {' and '.join(parts)}; wrong base "
+                   f"model? Nothing was loaded")
+    return load_tensors(model, out, meta, name, where)
+
+
+def write_peft(model: nn.Module, folder, name: str = "default") -> None:
+    """Write adapter ``name`` of ``model`` as a PEFT adapter folder that
+    ``PeftModel.from_pretrained(base, folder)`` loads to the same outputs."""
+    st = state(model)
+    if name not in st.specs:
+        raise _err(f"no adapter named {name!r}; this model has {sorted(st.specs)}")
+    tensors, layers = adapter_tensors(model, name)
+    for p, d in layers.items():
+        if d["method"] == st.specs[name].method:
+            check_layer(d["method"], d["kind"], d["shape"], p, model.get_submodule(p))
+    meta = {"adaptkit.spec": json.dumps(st.specs[name].to_dict()), "adaptkit.layers": json.dumps(layers)}
+    write_folder(folder, *to_peft(tensors, meta, [n for n in base_modules(model) if n]))
+
+
+load_peft, save_peft = read_peft, write_peft
