@@ -88,13 +88,18 @@ def peft_targets(cfg: dict, modules: dict[str, nn.Module]) -> list[str]:
         tm = [n for n, m in modules.items() if n and base_kind(m) in ("linear", "conv1d_t") and m is not head]
     out = []
     for key in modules:
-        if not key or ex and (re.fullmatch(ex, key) if isinstance(ex, str) else _in_list(ex, key)) \
-                or any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in saved):
-            continue  # excluded, or a modules_to_save match (PEFT never adapts those)
+        if not key:
+            continue
+        if ex and (re.fullmatch(ex, key) if isinstance(ex, str) else _in_list(ex, key)):
+            continue
+        if any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in saved):
+            continue  # PEFT never adapts a module that modules_to_save matches
         if isinstance(tm, str):
-            out += [key] * bool(re.fullmatch(tm, key))
+            hit = re.fullmatch(tm, key) is not None
         else:  # a name listed exactly skips the layers_to_transform filter, as in PEFT
-            out += [key] * (key in tm or _in_list(tm, key) and _layer_ok(cfg, key))
+            hit = key in tm or (_in_list(tm, key) and _layer_ok(cfg, key))
+        if hit:
+            out.append(key)
     return out
 
 
@@ -106,8 +111,6 @@ def saved_paths(names: list[str], candidates) -> list[str]:
         raise _err(f"modules_to_save={names} matches nested modules {nested}; PEFT wraps both, "
                    f"which adaptkit cannot express. Name only the outer module")
     return hits
-
-
 
 
 # ---- config <-> spec ---------------------------------------------------------------------
