@@ -59,8 +59,8 @@ def _peft_folder(tmp_path, base, cfg):
     """Save ``get_peft_model(base, cfg)`` (non-zero adapter and modules_to_save weights)."""
     pm = peft.get_peft_model(copy.deepcopy(base), cfg)
     with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if p.requires_grad and "lora_magnitude" not in n:
+        for p in pm.parameters():  # DoRA magnitudes too: they must load, not be recomputed
+            if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.1)
     pm.save_pretrained(tmp_path / "peft")
     return pm, tmp_path / "peft"
