@@ -18,15 +18,19 @@ Row norm without the dense ``W + sBA`` (never an out x in temporary; fp32, O(out
 
 ``||W_o||^2`` is cached (keyed on the weight's storage and version, so a merge of another
 adapter, a load or a device move invalidates it); ``W A^T`` pushes A's r rows through the
-frozen base op without bias, so any base that only offers its op (e.g. NF4) works. In eval
-mode the whole ``n`` is cached until A, B or W change.
+frozen base op without bias, so any base that only offers its op (e.g. NF4) works. When
+DoRA is first in the active set of a Linear-like, A's rows ride along the tokens in the
+base GEMM itself (``[x; A] W^T``; core hook ``Adapter.fuses_base``): at few tokens that GEMM
+is bound by reading W, so the norm costs almost nothing. In eval mode ``n`` is cached
+until A, B or W change.
 
-Memory: the output scaling ``out = g * (y + u) + b (1 - g)`` (``u = s B A x``) is one
-autograd node that saves the *output* (which the next op usually keeps anyway) instead of
-a (tokens, out) intermediate; ``dL/dm = sum dL/dout * (out - b) / m``. Consequence: an
-in-place op modifying the layer output (``ReLU(inplace=True)`` right after it) makes
-backward raise PyTorch's in-place error; and an entry with ``m == 0`` exactly gets a zero
-gradient (its direction cannot be read back from the output).
+Memory: ``out = g * t + b (1 - g)`` with ``t = y + s B A x`` (one fused addmm) is one
+autograd node, written in place, that keeps only the output (which the next op usually
+saves anyway), not a (tokens, out) intermediate: ``dL/dm = sum dL/dout * (out - b) / m``.
+If the output is changed in place before backward (``ReLU(inplace=True)``) the node sees
+the version change and recomputes ``W x + s B A x`` from the saved input instead. An entry
+with ``m == 0`` exactly gets a zero gradient on the fast path (its direction cannot be read
+back from the output; PEFT's init gives m = 0 only for a zero row, where it gives NaN).
 
 Merge uses the dense norm of the unmerged weight and caches it, so unmerge
 ``W = W' / g - s B A`` is exact up to fp32 rounding.
@@ -34,6 +38,7 @@ Merge uses the dense norm of the unmerged weight and caches it, so unmerge
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -71,60 +76,80 @@ def _weight_key(w: torch.Tensor) -> tuple:
 
 
 class _DoRAScale(torch.autograd.Function):
-    """out = g * (y + u) + b * (1 - g) with g = m / n broadcast over the channel dim ``cd``.
+    """out = g * t + b * (1 - g), g = m / n broadcast over the channel dim ``cd``, where
+    ``t = y + s B A x`` is a fresh tensor.
 
-    Saves the output rather than ``y + u``: ``dL/dm = sum(go * (out - b)) / m``."""
+    ``recompute`` None (DoRA is not first in the active set): out is a new tensor and t is
+    saved. Otherwise out is written into t in place and only a detached alias of out is
+    kept, so nothing of size (tokens, out) is saved beyond the output the next op usually
+    keeps anyway: ``dL/dm = sum(go * (out - b)) / m``. If an in-place op downstream changed
+    the output before backward (``ReLU(inplace=True)``), or on a second backward, the
+    version check sends it to ``recompute(x) = W x + s B A x`` instead (x is saved by the
+    LoRA branch anyway). An entry with m == 0 then gets a zero gradient (its row of the
+    output is b whatever the direction)."""
 
     @staticmethod
-    def forward(ctx, y, u, m, n, bias, cd):
-        shape = (-1,) + (1,) * (y.dim() - 1 - cd)  # (out,) or (out, 1, .., 1) for conv maps
-        g = (m.float() / n).to(y.dtype).view(shape)
-        t = y + u
-        if bias is None:
-            out = t.mul_(g)
+    def forward(ctx, t, m, n, bias, x, cd, recompute):
+        shape = (-1,) + (1,) * (t.dim() - 1 - cd)  # (out,) or (out, 1, .., 1) for conv maps
+        g = (m.float() / n).to(t.dtype).view(shape)
+        bb = None if bias is None else bias.view(shape)
+        ctx.cd, ctx.shape, ctx.recompute, ctx.out = cd, shape, recompute, None
+        if recompute is None:
+            out = t * g if bb is None else torch.addcmul(bb * (1 - g), g, t)
+            ctx.save_for_backward(t if m.requires_grad else None, None, g, m, n, bias)
         else:
-            out = torch.addcmul(bias.view(shape) * (1 - g), g, t)
-        ctx.cd, ctx.shape = cd, shape
-        keep_b = bias is not None and (m.requires_grad or bias.requires_grad)
-        ctx.save_for_backward(out if m.requires_grad else None, g,
-                              m if m.requires_grad else None, bias if keep_b else None)
+            out = t.mul_(g) if bb is None else torch.addcmul(bb * (1 - g), t, g, out=t)  # one pass
+            ctx.mark_dirty(t)
+            ctx.save_for_backward(None, x if m.requires_grad else None, g, m, n, bias)
+            if m.requires_grad:
+                ctx.out = out.detach()  # an alias; its version is recorded by the caller
         return out
 
     @staticmethod
     def backward(ctx, go):
-        out, g, m, bias = ctx.saved_tensors
-        gt = go * g  # d out / d y = d out / d u = g
+        t, x, g, m, n, bias = ctx.saved_tensors
         dims = [d for d in range(go.dim()) if d != ctx.cd]
+        f32 = torch.float32
+        b = None if bias is None else bias.float()
+        gsum = go.sum(dims, dtype=f32) if bias is not None else None  # (out,)
         gm = gb = None
-        if ctx.needs_input_grad[2]:
-            z = out.float() if bias is None else out.float() - bias.float().view(ctx.shape)
-            s = (go.float() * z).sum(dims)  # (out,): sum over tokens of go * g * (y + u - b)
-            mf = m.float()
-            gm = torch.where(mf != 0, s / torch.where(mf != 0, mf, 1.0), 0.0).to(m.dtype)
-        if ctx.needs_input_grad[4]:  # the direct b (1 - g) term; y carries the other g b
-            gb = (go * (1 - g)).sum(dims).to(bias.dtype)
-        return gt, gt, gm, None, gb, None
+        if ctx.needs_input_grad[1]:  # sums over tokens accumulate in fp32; (out,) results
+            out, ctx.out = ctx.out, None  # released after the first backward
+            if t is not None:
+                s = (go * t).sum(dims, dtype=f32) - (0 if b is None else b * gsum)  # sum go (t - b)
+                gm = s / n
+            elif out is not None and out._version == getattr(ctx, "version", None):
+                s = (go * out).sum(dims, dtype=f32) - (0 if b is None else b * gsum)  # sum go g (t - b)
+                mf = m.float()
+                gm = torch.where(mf != 0, s / torch.where(mf != 0, mf, 1.0), 0.0)
+            else:
+                gm = (go * ctx.recompute(x).reshape(go.shape)).sum(dims, dtype=f32) / n
+            gm = gm.to(m.dtype)
+        if ctx.needs_input_grad[3]:  # the direct b (1 - g) term; t carries the other g b
+            gb = ((1 - g.float()).view(-1) * gsum).to(bias.dtype)
+        return go * g, gm, None, gb, None, None, None
 
 
 class _FusedBase(torch.autograd.Function):
-    """One GEMM for the tokens and A's rows: [x; A] -> ([x; A] W^T)[:T] + b and (A W^T)
-    (Linear; GPT-2 Conv1D uses x @ W). Backward: the tokens' input gradient only (W frozen)."""
+    """One GEMM for the tokens and A's rows: [x; A] -> [x W^T + b; A W^T] (Linear; GPT-2
+    Conv1D uses x @ W), returned whole (the caller slices: a view of a Function output is
+    an ordinary view). Backward: the tokens' input gradient only (W frozen)."""
 
     @staticmethod
     def forward(ctx, x2, A, w, bias, transposed):
         T = x2.shape[0]
         xa = torch.cat([x2, A])  # (T + r, in)
         out = xa @ w if transposed else F.linear(xa, w)  # (T + r, out)
-        y = out[:T] + bias if bias is not None else out[:T].clone()  # fresh tensors, not views
-        wat = out[T:].clone()  # (r, out) = (W A^T)^T
-        ctx.transposed = transposed
+        if bias is not None:
+            out[:T] += bias  # the A rows stay bias-free
+        ctx.T, ctx.transposed = T, transposed
         ctx.save_for_backward(w if ctx.needs_input_grad[0] else None)
-        ctx.mark_non_differentiable(wat)
-        return y, wat
+        return out
 
     @staticmethod
-    def backward(ctx, gy, _):
+    def backward(ctx, gout):
         (w,) = ctx.saved_tensors
+        gy = gout[:ctx.T]  # the A rows carry no gradient (their result is used detached)
         gx = None
         if ctx.needs_input_grad[0]:
             gx = gy @ w.t() if ctx.transposed else gy @ w  # (T, out) -> (T, in)
@@ -165,12 +190,8 @@ class DoRAAdapter(LoRAAdapter):
             w2 = layer.to_2d(w.detach())  # (out, in_flat), a view
             step = max(1, _CHUNK // max(1, w2.shape[1]))
             sq = torch.cat([w2[i:i + step].float().pow(2).sum(1) for i in range(0, w2.shape[0], step)])
-        else:  # a base that only offers its op: columns of W^T are base_op(e_i)
-            n_in, sq = layer.in_features, 0.0
-            step = max(1, _CHUNK // max(1, layer.out_features))
-            for i in range(0, n_in, step):
-                eye = torch.eye(n_in, device=w.device)[i:i + step]  # (chunk, in)
-                sq = sq + layer.base_op(eye, w, None).float().pow(2).sum(0)  # (out,)
+        else:  # a packed (quantised) base: once, from the layer's dense fp32 view
+            sq = layer.to_2d(layer.dense_weight()).pow(2).sum(1)
         self._wsq = (key, sq)
         return sq
 
@@ -180,7 +201,8 @@ class DoRAAdapter(LoRAAdapter):
         w, A = layer.weight, self.lora_A.detach()
         if layer.kind == "conv":
             return (layer.to_2d(w) @ A.to(w.dtype).t()).float()  # (out, in_flat) @ (in_flat, r)
-        return layer.base_op(A.to(w.dtype), w, None).float().t()  # (r, out) -> (out, r)
+        dt = w.dtype if w.is_floating_point() else A.dtype  # a packed base computes in A's dtype
+        return layer.base_op(A.to(dt), w, None).float().t()  # (r, out) -> (out, r)
 
     def _key(self, layer: AdaptedLayer) -> tuple:
         A, B = self.lora_A, self.lora_B
@@ -206,13 +228,15 @@ class DoRAAdapter(LoRAAdapter):
         """The base output; for Linear-likes with W A^T still to compute, in one GEMM with it
         (at few tokens the GEMM is bound by reading W, so the r extra rows are nearly free)."""
         w, b = layer.weight, layer.bias
-        if (layer.kind == "conv" or w.requires_grad or x.dtype != w.dtype or x.shape[-1] != layer.in_features
-                or (not self.training and self._ncache is not None and self._ncache[0] == self._key(layer))):
+        cached = not self.training and self._ncache is not None and self._ncache[0] == self._key(layer)
+        if (layer.kind == "conv" or w.requires_grad or not w.is_floating_point() or x.dtype != w.dtype
+                or x.shape[-1] != layer.in_features or cached):
             return layer.base_op(x, w, b)
         x2 = x.reshape(-1, x.shape[-1])  # (..., in) -> (T, in)
-        y, wat = _FusedBase.apply(x2, self.lora_A.detach().to(w.dtype), w, b, layer.kind == "conv1d_t")
-        self._wat = (self._key(layer), wat)
-        return y.view(*x.shape[:-1], y.shape[-1])  # (T, out) -> (..., out)
+        out = _FusedBase.apply(x2, self.lora_A.detach().to(w.dtype), w, b, layer.kind == "conv1d_t")
+        T = x2.shape[0]
+        self._wat = (self._key(layer), out[T:].detach())  # (r, out) = (W A^T)^T
+        return out[:T].view(*x.shape[:-1], out.shape[-1])  # (T, out) -> (..., out)
 
     def _update(self, x: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
         """u = s B A x (the plain LoRA update, not yet added to anything)."""
@@ -236,8 +260,27 @@ class DoRAAdapter(LoRAAdapter):
             wx = layer.base_op(xd, layer.weight, None)
             g = (m.float() / n).to(y.dtype).view((-1,) + (1,) * (y.dim() - 1 - cd))
             return y + (g - 1) * wx + g * self._update(xd, layer).to(y.dtype)
-        u = self._update(x.to(self.lora_A.dtype), layer).to(y.dtype)
-        return _DoRAScale.apply(y, u, m, n, layer.bias, cd)
+        A, B = self.lora_A, self.lora_B
+        x = x.to(A.dtype)
+        first = layer._active[:1] == (self,)  # then y - b = W x: recomputable from x
+        z = partial(self._z, layer) if first else None
+        if layer.kind != "conv" and y.dim() > 1 and y.dtype == A.dtype:
+            h = F.linear(x, A)  # (..., r)
+            # t = y + s h B^T in one fused kernel on the flattened tokens: (T, out)
+            t = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, self.rank), B.t(),
+                            alpha=self.scale)
+            out = _DoRAScale.apply(t, m, n, layer.bias, x, 1, z)
+        else:
+            t = y + self._update(x, layer).to(y.dtype)
+            out = _DoRAScale.apply(t, m, n, layer.bias, x, cd, z)
+        if isinstance(out.grad_fn, _DoRAScale._backward_cls):
+            out.grad_fn.version = out._version  # backward compares: was out changed in place?
+        return out.view(y.shape)  # (T, out) -> (..., out) on the fused path
+
+    @torch.no_grad()
+    def _z(self, layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor:
+        """t - b = W x + s B A x, recomputed for the magnitude gradient (rare path)."""
+        return layer.base_op(x, layer.weight, None) + self._update(x, layer)
 
     # ---- merge ------------------------------------------------------------------------
     def merge_weight(self, layer: AdaptedLayer, w32: torch.Tensor) -> torch.Tensor:

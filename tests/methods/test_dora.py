@@ -148,7 +148,8 @@ def test_gradients_equal_detached_norm_reference(base):
         (y * g).sum().backward()
         got = [p.grad.float().clone() for p in (ad.lora_A, ad.lora_B, ad.lora_magnitude, layer.bias)]
         gx = x.grad.float().clone()
-        A, B, m, b = (p.detach().float().requires_grad_(True) for p in (ad.lora_A, ad.lora_B, ad.lora_magnitude, layer.bias))
+        A, B, m, b = (p.detach().float().requires_grad_(True)
+                      for p in (ad.lora_A, ad.lora_B, ad.lora_magnitude, layer.bias))
         x2 = x.detach().float().requires_grad_(True)
         W = layer.to_2d(layer.weight.detach().float())
         V = W + ad.scale * B @ A  # (out, in_flat)
@@ -268,3 +269,62 @@ def test_unmerge_without_merge_is_an_error():
     assert isinstance(ad, DoRAAdapter)
     with pytest.raises(ak.AdaptkitError, match="merge norm"):
         ad.unmerge_weight(layer, layer.weight.detach().float())
+
+
+def _grads(net, x, inplace_after=False, twice=False):
+    net.zero_grad(set_to_none=True)
+    y = net(x)
+    if inplace_after:
+        y = torch.relu_(y)  # modifies the saved output: backward must recompute, not fail
+    else:
+        y = torch.relu(y)
+    g = torch.linspace(-1, 1, y.numel()).view(y.shape)
+    (y * g).sum().backward(retain_graph=twice)
+    if twice:
+        (y * g).sum().backward()
+    return {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("base", ["linear", "conv1d"])
+def test_inplace_op_after_layer_and_second_backward(base):
+    """The output-saving magnitude gradient survives an in-place op on the output (ReLU
+    inplace) and a retain_graph second backward, via the recompute path: same grads."""
+    make, mkx = BASES[base]
+    net, _, _ = _randomised(make())
+    net.train()
+    x = mkx()
+    want = _grads(net, x)
+    got = _grads(net, x, inplace_after=True)
+    assert want.keys() == got.keys() and len(want) == 3
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-5)
+    twice = _grads(net, x, twice=True)
+    for k in want:
+        torch.testing.assert_close(twice[k], 2 * want[k], atol=1e-5, rtol=1e-5)
+
+
+def test_stacked_after_lora_grads_equal_dense_reference():
+    """DoRA second in the active set (its input y already holds LoRA's update): t is kept
+    for the magnitude gradient; grads equal autograd through the dense definition."""
+    torch.manual_seed(0)
+    net = nn.Sequential()
+    net.add_module("m", nn.Linear(16, 12))
+    ak.inject(net, ak.LoRA(rank=2, alpha=3, targets="m"), name="a")
+    ak.inject(net, ak.DoRA(rank=3, alpha=5, targets="m"), name="d")
+    layer = net.m
+    with torch.no_grad():
+        for p in layer.adapters.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    x = torch.randn(5, 16)
+    g = torch.randn(5, 12)
+    (net(x) * g).sum().backward()
+    la, ld = layer.adapters["a"], layer.adapters["d"]
+    params = (("la", la.lora_A), ("lb", la.lora_B), ("A", ld.lora_A), ("B", ld.lora_B), ("m", ld.lora_magnitude))
+    P = {k: p.detach().clone().requires_grad_(True) for k, p in params}
+    W = layer.weight.detach()
+    dD = ld.scale * P["B"] @ P["A"]
+    n = (W + dD).detach().norm(dim=1)  # the norm ignores the other adapter's update
+    Wp = (P["m"] / n)[:, None] * (W + la.scale * P["lb"] @ P["la"] + dD)
+    (torch.nn.functional.linear(x, Wp, layer.bias) * g).sum().backward()
+    for k, p in params:
+        torch.testing.assert_close(p.grad, P[k].grad, atol=1e-5, rtol=1e-5)

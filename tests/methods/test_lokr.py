@@ -60,22 +60,24 @@ def test_shapes_of_the_specs():
     assert sum(p.numel() for p in net.l.adapters.parameters()) == 4096 + 1024
 
 
-# name -> (base factory, input factory, LoKr kwargs); every shape case of the specs
+# name -> (base factory, input shape, LoKr kwargs); every shape case of the specs
 PEFT_CASES = {
-    "full_w1_full_w2": (lambda: nn.Linear(48, 40), lambda: torch.randn(3, 5, 48), dict(rank=4, alpha=3)),
-    "full_w1_lowrank_w2": (lambda: nn.Linear(64, 96), lambda: torch.randn(4, 64), dict(rank=2, alpha=5)),
-    "decompose_both": (lambda: nn.Linear(48, 40), lambda: torch.randn(3, 48), dict(rank=2, alpha=6, decompose_both=True)),
-    "factor_4": (lambda: nn.Linear(48, 40), lambda: torch.randn(3, 48), dict(rank=4, alpha=2, decompose_factor=4)),
-    "factor_unsorted": (lambda: nn.Linear(128, 64), lambda: torch.randn(3, 128), dict(rank=2, alpha=3, decompose_factor=32)),
-    "conv2d_lowrank": (lambda: nn.Conv2d(8, 12, 3, stride=2, padding=1), lambda: torch.randn(2, 8, 9, 9), dict(rank=1, alpha=2)),
-    "conv2d_full": (lambda: nn.Conv2d(8, 12, 3, dilation=2), lambda: torch.randn(2, 8, 9, 9), dict(rank=8, alpha=2)),
-    "conv2d_tucker": (lambda: nn.Conv2d(8, 12, 3, padding=1), lambda: torch.randn(2, 8, 7, 7),
+    "full_w1_full_w2": (lambda: nn.Linear(48, 40), (3, 5, 48), dict(rank=4, alpha=3)),
+    "full_w1_lowrank_w2": (lambda: nn.Linear(64, 96), (4, 64), dict(rank=2, alpha=5)),
+    "decompose_both": (lambda: nn.Linear(48, 40), (3, 48), dict(rank=2, alpha=6, decompose_both=True)),
+    "factor_4": (lambda: nn.Linear(48, 40), (3, 48), dict(rank=4, alpha=2, decompose_factor=4)),
+    "factor_unsorted": (lambda: nn.Linear(128, 64), (3, 128), dict(rank=2, alpha=3, decompose_factor=32)),
+    "conv2d_lowrank": (lambda: nn.Conv2d(8, 12, 3, stride=2, padding=1), (2, 8, 9, 9), dict(rank=1, alpha=2)),
+    "conv2d_full": (lambda: nn.Conv2d(8, 12, 3, dilation=2), (2, 8, 9, 9), dict(rank=8, alpha=2)),
+    "conv2d_tucker": (lambda: nn.Conv2d(8, 12, 3, padding=1), (2, 8, 7, 7),
                       dict(rank=1, alpha=2, use_effective_conv2d=True, decompose_both=True)),
-    "conv2d_1x1_effective": (lambda: nn.Conv2d(8, 12, 1), lambda: torch.randn(2, 8, 5, 5), dict(rank=1, alpha=2, use_effective_conv2d=True)),
-    "conv2d_grouped": (lambda: nn.Conv2d(8, 12, 3, groups=2), lambda: torch.randn(2, 8, 7, 7), dict(rank=1, alpha=2, use_effective_conv2d=True)),
+    "conv2d_1x1_effective": (lambda: nn.Conv2d(8, 12, 1), (2, 8, 5, 5),
+                             dict(rank=1, alpha=2, use_effective_conv2d=True)),
+    "conv2d_grouped": (lambda: nn.Conv2d(8, 12, 3, groups=2), (2, 8, 7, 7),
+                       dict(rank=1, alpha=2, use_effective_conv2d=True)),
     # PEFT's Conv1d is right only for the flattened low-rank w2 (its full-w2 kron mixes axes,
     # its Tucker kron crashes); Conv1d full / Tucker are checked against LyCORIS below
-    "conv1d_lowrank": (lambda: nn.Conv1d(8, 12, 3), lambda: torch.randn(2, 8, 9), dict(rank=1, alpha=2)),
+    "conv1d_lowrank": (lambda: nn.Conv1d(8, 12, 3), (2, 8, 9), dict(rank=1, alpha=2)),
 }
 
 
@@ -95,9 +97,9 @@ def _copy_from(ad, tensors):
 @pytest.mark.parametrize("case", list(PEFT_CASES))
 def test_forward_and_merge_equal_peft(case):
     peft = pytest.importorskip("peft")
-    make, mkx, kw = PEFT_CASES[case]
+    make, shape, kw = PEFT_CASES[case]
     torch.manual_seed(0)
-    net, x = _net(make()), mkx()
+    net, x = _net(make()), torch.randn(shape)
     ref = copy.deepcopy(net)
     pm = peft.get_peft_model(copy.deepcopy(net), _peft_config(peft, kw))
     ak.inject(net, ak.LoKr(targets="l", **kw))
@@ -114,24 +116,25 @@ def test_forward_and_merge_equal_peft(case):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-# name -> (base, input, kwargs): LyCORIS's forward with scale_mode="lycoris"
+# name -> (base, input shape, kwargs): LyCORIS's forward with scale_mode="lycoris"
 LYCORIS_CASES = {
-    "full_full_scale_1": (lambda: nn.Linear(64, 64), lambda: torch.randn(3, 64), dict(rank=4, alpha=1)),
-    "decompose_both": (lambda: nn.Linear(64, 64), lambda: torch.randn(3, 64), dict(rank=2, alpha=1, decompose_both=True)),
-    "factor_sorted": (lambda: nn.Linear(128, 64), lambda: torch.randn(3, 128), dict(rank=2, alpha=3, decompose_factor=64)),
-    "conv1d_full": (lambda: nn.Conv1d(8, 12, 3), lambda: torch.randn(2, 8, 9), dict(rank=8, alpha=2)),
-    "conv1d_tucker": (lambda: nn.Conv1d(8, 12, 3, padding=1), lambda: torch.randn(2, 8, 9), dict(rank=1, alpha=2, use_effective_conv2d=True)),
-    "conv2d_tucker": (lambda: nn.Conv2d(8, 12, 3), lambda: torch.randn(2, 8, 9, 9), dict(rank=1, alpha=2, use_effective_conv2d=True)),
-    "conv2d_lowrank": (lambda: nn.Conv2d(8, 12, 3), lambda: torch.randn(2, 8, 9, 9), dict(rank=1, alpha=2)),
+    "full_full_scale_1": (lambda: nn.Linear(64, 64), (3, 64), dict(rank=4, alpha=1)),
+    "decompose_both": (lambda: nn.Linear(64, 64), (3, 64), dict(rank=2, alpha=1, decompose_both=True)),
+    "factor_sorted": (lambda: nn.Linear(128, 64), (3, 128), dict(rank=2, alpha=3, decompose_factor=64)),
+    "conv1d_full": (lambda: nn.Conv1d(8, 12, 3), (2, 8, 9), dict(rank=8, alpha=2)),
+    "conv1d_tucker": (lambda: nn.Conv1d(8, 12, 3, padding=1), (2, 8, 9),
+                      dict(rank=1, alpha=2, use_effective_conv2d=True)),
+    "conv2d_tucker": (lambda: nn.Conv2d(8, 12, 3), (2, 8, 9, 9), dict(rank=1, alpha=2, use_effective_conv2d=True)),
+    "conv2d_lowrank": (lambda: nn.Conv2d(8, 12, 3), (2, 8, 9, 9), dict(rank=1, alpha=2)),
 }
 
 
 @pytest.mark.parametrize("case", list(LYCORIS_CASES))
 def test_forward_equals_lycoris(case):
     lokr = pytest.importorskip("lycoris.modules.lokr")
-    make, mkx, kw = LYCORIS_CASES[case]
+    make, shape, kw = LYCORIS_CASES[case]
     torch.manual_seed(0)
-    base, x = make(), mkx()
+    base, x = make(), torch.randn(shape)
     net = _net(copy.deepcopy(base))
     ly = lokr.LokrModule("l", base, multiplier=1.0, lora_dim=kw["rank"], alpha=kw["alpha"],
                          decompose_both=kw.get("decompose_both", False), factor=kw.get("decompose_factor", -1),
@@ -222,7 +225,8 @@ def test_rank_dropout_all_dropped_is_zero_not_nan():
 
 
 def test_bad_fields_name_the_field():
-    for kw, field in ((dict(decompose_factor=-2), "decompose_factor"), (dict(decompose_factor=0), "decompose_factor"),
+    for kw, field in ((dict(decompose_factor=-2), "decompose_factor"),
+                      (dict(decompose_factor=0), "decompose_factor"),
                       (dict(init="gaussian"), "init"), (dict(scale_mode="kohya"), "scale_mode"),
                       (dict(rank_dropout=1.0), "rank_dropout"), (dict(module_dropout=-0.1), "module_dropout"),
                       (dict(decompose_both=1), "decompose_both")):
