@@ -71,6 +71,13 @@ class DoRA(LoRA):
         return DoRAAdapter(layer, r, s, self.dropout, self.init)
 
 
+def _autocast(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+
+
 def _weight_key(w: torch.Tensor) -> tuple:
     return (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
 
@@ -230,7 +237,7 @@ class DoRAAdapter(LoRAAdapter):
         w, b = layer.weight, layer.bias
         cached = not self.training and self._ncache is not None and self._ncache[0] == self._key(layer)
         if (layer.kind == "conv" or w.requires_grad or not w.is_floating_point() or x.dtype != w.dtype
-                or x.shape[-1] != layer.in_features or cached):
+                or x.shape[-1] != layer.in_features or cached or _autocast(x.device.type)):
             return layer.base_op(x, w, b)
         x2 = x.reshape(-1, x.shape[-1])  # (..., in) -> (T, in)
         out = _FusedBase.apply(x2, self.lora_A.detach().to(w.dtype), w, b, layer.kind == "conv1d_t")

@@ -328,3 +328,15 @@ def test_stacked_after_lora_grads_equal_dense_reference():
     (torch.nn.functional.linear(x, Wp, layer.bias) * g).sum().backward()
     for k, p in params:
         torch.testing.assert_close(p.grad, P[k].grad, atol=1e-5, rtol=1e-5)
+
+
+def test_autocast_bf16_trains():
+    """Under torch.autocast the base op keeps its own casting (no fused GEMM); grads flow."""
+    net, layer, ad = _randomised(nn.Linear(16, 12))
+    x = torch.randn(4, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = net(x)
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and x.grad is not None and ad.lora_magnitude.grad is not None
+    want = layer.base_op(x.detach(), layer.dense_weight(["default"]), layer.bias)
+    torch.testing.assert_close(y.float(), want, atol=5e-2, rtol=5e-2)
