@@ -26,7 +26,20 @@ import torch.nn.functional as F
 
 from .errors import AdaptkitError
 
+try:
+    from torch.compiler import is_compiling
+except ImportError:  # torch 2.2
+    from torch._dynamo import is_compiling
+
 KINDS = ("linear", "conv1d_t", "conv", "embedding")
+
+
+def tracing() -> bool:
+    """True while torch.compile traces the forward. Adapters then skip eager-only machinery
+    that dynamo cannot trace without a graph break or a recompile: caches keyed on data
+    pointers / versions, Python-side dicts filled on first use, custom autograd Functions
+    with in-place outputs, and Python branches on tensor values."""
+    return is_compiling()
 
 
 def base_kind(m: nn.Module) -> str | None:
@@ -176,8 +189,9 @@ class AdaptedLayer(nn.Module):
         act = self._active
         if act and act[0].fuses_base:
             y = act[0].base_forward(x, self)
-        else:
-            y = self.base_op(x, self.weight, self.bias)
+        else:  # _parameters directly: Module.__getattr__ is a measurable part of the overhead
+            p = self._parameters
+            y = self.base_op(x, p["weight"], p.get("bias"))
         for a in act:
             y = a.apply(x, y, self)
         return y
