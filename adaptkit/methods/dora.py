@@ -34,6 +34,11 @@ back from the output; PEFT's init gives m = 0 only for a zero row, where it give
 
 Merge uses the dense norm of the unmerged weight and caches it, so unmerge
 ``W = W' / g - s B A`` is exact up to fp32 rounding.
+
+Under ``torch.compile`` (``layer.tracing()``) the eager-only machinery is skipped so the
+layer traces with no graph break: no caches (their keys are data pointers), no fused base
+GEMM (``W A^T`` is its own small GEMM), and ``out = g * t + b (1 - g)`` in plain ops, whose
+backward AOTAutograd plans (and which gives ``m == 0`` its exact gradient).
 """
 from __future__ import annotations
 
@@ -45,7 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import AdaptkitError
-from ..layer import AdaptedLayer
+from ..layer import AdaptedLayer, tracing
 from ..spec import register_method
 from .lora import LoRA, LoRAAdapter, check_rank, lora_scale
 
@@ -190,6 +195,9 @@ class DoRAAdapter(LoRAAdapter):
     def _weight_sq(self, layer: AdaptedLayer) -> torch.Tensor:
         """Cached ``||W_o||^2`` (out,) in fp32, recomputed when W changes."""
         w = layer.weight
+        if tracing():  # torch.compile: no data-pointer cache; one fused pass over W in the graph
+            return (layer.to_2d(w.detach()).float().pow(2).sum(1) if w.is_floating_point()
+                    else layer.to_2d(layer.dense_weight()).pow(2).sum(1))  # (out,)
         key = _weight_key(w)
         if self._wsq is not None and self._wsq[0] == key:
             return self._wsq[1]
@@ -218,16 +226,21 @@ class DoRAAdapter(LoRAAdapter):
     @torch.no_grad()
     def row_norm(self, layer: AdaptedLayer) -> torch.Tensor:
         """n = ||W + s B A||_row (out,), fp32, detached, via the low-rank identity above."""
-        A, B, key = self.lora_A, self.lora_B, self._key(layer)
-        if not self.training and self._ncache is not None and self._ncache[0] == key:
-            return self._ncache[1]
-        wat, self._wat = self._wat, None
-        wat = wat[1].float().t() if wat is not None and wat[0] == key else self._w_at(layer)  # (out, r)
+        A, B = self.lora_A, self.lora_B
+        if tracing():  # torch.compile: no caches (their keys are data pointers), W A^T in the graph
+            key, wat = None, self._w_at(layer)  # (out, r)
+        else:
+            key = self._key(layer)
+            if not self.training and self._ncache is not None and self._ncache[0] == key:
+                return self._ncache[1]
+            wat, self._wat = self._wat, None
+            wat = wat[1].float().t() if wat is not None and wat[0] == key else self._w_at(layer)  # (out, r)
         s, Bf, Af = self.scale, B.float(), A.float()
         n2 = (self._weight_sq(layer) + (2 * s) * (Bf * wat).sum(1)
               + (s * s) * ((Bf @ (Af @ Af.t())) * Bf).sum(1))  # (out,) from (out, r) terms
         n = n2.clamp_min_(0).sqrt_()
-        self._ncache = (key, n) if not self.training else None
+        if key is not None:
+            self._ncache = (key, n) if not self.training else None
         return n
 
     # ---- forward ----------------------------------------------------------------------
@@ -235,6 +248,8 @@ class DoRAAdapter(LoRAAdapter):
         """The base output; for Linear-likes with W A^T still to compute, in one GEMM with it
         (at few tokens the GEMM is bound by reading W, so the r extra rows are nearly free)."""
         w, b = layer.weight, layer.bias
+        if tracing():  # torch.compile: the plain base op (row_norm computes W A^T itself)
+            return layer.base_op(x, w, b)
         cached = not self.training and self._ncache is not None and self._ncache[0] == self._key(layer)
         if (layer.kind == "conv" or w.requires_grad or not w.is_floating_point() or x.dtype != w.dtype
                 or x.shape[-1] != layer.in_features or cached or _autocast(x.device.type)):
@@ -269,6 +284,11 @@ class DoRAAdapter(LoRAAdapter):
             return y + (g - 1) * wx + g * self._update(xd, layer).to(y.dtype)
         A, B = self.lora_A, self.lora_B
         x = x.to(A.dtype)
+        if tracing():  # torch.compile: plain ops; AOTAutograd decides what backward keeps
+            t = y + self._update(x, layer).to(y.dtype)
+            g = (m.float() / n).to(t.dtype).view((-1,) + (1,) * (t.dim() - 1 - cd))  # (out, 1..)
+            b = layer.bias
+            return g * t if b is None else torch.addcmul(b.view(g.shape) * (1 - g), g, t)
         first = layer._active[:1] == (self,)  # then y - b = W x: recomputable from x
         z = partial(self._z, layer) if first else None
         if layer.kind != "conv" and y.dim() > 1 and y.dtype == A.dtype:

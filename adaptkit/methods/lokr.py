@@ -16,7 +16,10 @@ factor (w2 low-rank: X w2_b^T, then w1, then w2_a^T). Convs use the dense delta 
 base geometry. Training only: ``rank_dropout`` masks output rows of dW (divided by the
 mask mean if ``rank_dropout_scale``), which is the same as masking output features of the
 update; ``module_dropout`` skips the whole adapter with probability p (no rescale).
-Both draw from torch's global CPU generator as PEFT does.
+Both draw from torch's global CPU generator as PEFT does. Under ``torch.compile`` module
+dropout multiplies the update by its draw instead of branching on it (no graph break); a
+skipped module then still draws its rank-dropout mask, so with both dropouts the random
+stream differs from eager's.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import AdaptkitError
-from ..layer import Adapter, AdaptedLayer
+from ..layer import Adapter, AdaptedLayer, tracing
 from ..spec import AdapterSpec, register_method
 
 INITS = ("default", "lycoris", "random")
@@ -200,10 +203,14 @@ class LoKrAdapter(Adapter):
         return y.reshape(*lead, a * b)  # (T, a, b) -> (..., out), out index = i_a * b + i_b
 
     def apply(self, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
-        mask = None
+        mask = keep = None
         if self.training:
-            if self.module_dropout and not bool(torch.rand(1) > self.module_dropout):
-                return y  # module dropout: skip the whole adapter for this forward
+            if self.module_dropout:
+                keep = torch.rand(1) > self.module_dropout  # (1,) on the CPU generator, as PEFT
+                if not tracing() and not bool(keep):
+                    return y  # module dropout: skip the whole adapter for this forward
+                # torch.compile: no branch on the draw; the update is multiplied by it below
+                # (same result; the rank-dropout draw then happens even for a skipped forward)
             if self.rank_dropout:
                 mask = (torch.rand(y.shape[-1] if layer.kind != "conv" else layer.weight.shape[0])
                         > self.rank_dropout).float()  # (out,) rows of dW kept
@@ -219,4 +226,6 @@ class LoKrAdapter(Adapter):
             u = self._kron_apply(x)
         if mask is not None:
             u = u * mask.to(device=u.device, dtype=u.dtype)
+        if keep is not None and tracing():
+            u = u * keep.to(device=u.device, dtype=u.dtype)
         return y + u.to(y.dtype)

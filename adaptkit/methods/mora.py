@@ -19,7 +19,8 @@ n mod r̂ groups take ⌊n/r̂⌋+1 consecutive items, the others ⌊n/r̂⌋):
   3  input as 2, output as 1          4  input as 1, output as 2
   6  paper Eq. 9: u_i = M·R_i·x̄[i r̂:(i+1) r̂] per chunk i, v = concat_i u_i ∈ R^P,
      y_Δ[o] = v[o mod P]; R_i rotates pairs (j, j+h), h = r̂/2, by φ_j = i·10000^{-2j/r̂}
-     (RoPE; chunk 0 is not rotated; cos/sin computed in fp32, cached per dtype/device)
+     (RoPE; chunk 0 is not rotated; cos/sin computed in fp32, cached per dtype/device;
+     under torch.compile computed in the graph instead, so no cache fill recompiles)
   "decouple"  type 6 with R_i = I (paper's plain decoupling)
   "truncate"  c = x[:r̂] (zero-filled when in < r̂), y_Δ = [z; 0] (paper's truncation)
 
@@ -48,7 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import AdaptkitError
-from ..layer import Adapter, AdaptedLayer, adapted_layers
+from ..layer import Adapter, AdaptedLayer, adapted_layers, tracing
 from ..spec import AdapterSpec, register_method
 
 MORA_TYPES = (1, 2, 3, 4, 6, "truncate", "decouple")
@@ -181,7 +182,9 @@ class _MoRAState:
         if self.p and self.training:
             x = F.dropout(x, self.p, True)
         x, tables = x.to(M.dtype), None
-        if self.mora_type == 6:
+        if self.mora_type == 6 and tracing():  # torch.compile: filling the dict would recompile
+            tables = rope_tables(-(-self.in_features // self.r_hat), self.r_hat, x.device, x.dtype)
+        elif self.mora_type == 6:
             key = (x.dtype, x.device)
             if key not in self._tables:  # fp32 tables cast to the activation dtype, per dtype
                 self._tables[key] = rope_tables(-(-self.in_features // self.r_hat), self.r_hat,
