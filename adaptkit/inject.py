@@ -9,8 +9,9 @@ from __future__ import annotations
 import contextlib
 import re
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
+import torch
 import torch.nn as nn
 
 from .errors import AdaptkitError
@@ -31,6 +32,8 @@ class State:
     extras: dict[str, list[str]] = field(default_factory=dict)
     # requires_grad of every parameter before the first inject, restored by merge
     frozen_from: dict[str, bool] = field(default_factory=dict)
+    # handle of the _InputGrads hook on the input embeddings (see sync_input_grads)
+    input_hook: Any = None
 
 
 def state(model: nn.Module) -> State:
@@ -113,14 +116,65 @@ def attach(model: nn.Module, spec: AdapterSpec, name: str, built, extras: list[s
     st.extras[name] = extras
     st.active.append(name)
     refresh(model)
+    sync_input_grads(model)
     return [p for p, _, _ in built]
+
+
+class _InputGrads:
+    """Forward hook on the input embeddings: their output requires grad while the model is
+    in training with grad enabled and any of ``flags`` (modules with a ``gradient_checkpointing``
+    attribute, the transformers convention) has checkpointing on.
+
+    Why: reentrant ``torch.utils.checkpoint`` runs each block under ``no_grad`` and builds a
+    graph only if one of the block's tensor inputs requires grad. With the embedding frozen
+    by inject none does, so the adapters inside the blocks would get no gradient (and
+    ``backward`` fails). This is what transformers' ``enable_input_require_grads`` does for
+    PEFT; the flag is read at every forward, so checkpointing may be switched on before or
+    after inject. Non-reentrant checkpointing does not need it (it only costs the input
+    gradient of the first block)."""
+
+    def __init__(self, flags: tuple[nn.Module, ...]):
+        self.flags = flags
+
+    def __call__(self, module: nn.Module, args, output):
+        if (isinstance(output, torch.Tensor) and not output.requires_grad
+                and output.is_floating_point() and module.training and torch.is_grad_enabled()
+                and any(getattr(m, "gradient_checkpointing", False) is True for m in self.flags)):
+            output.requires_grad_(True)
+
+
+def sync_input_grads(model: nn.Module) -> None:
+    """(Re)place the :class:`_InputGrads` hook on ``model.get_input_embeddings()`` while the
+    model carries adapters, and remove it once none is left (delete of the last adapter,
+    merge). Models without ``get_input_embeddings`` or without any ``gradient_checkpointing``
+    flag get no hook: with a custom reentrant checkpoint, make the block inputs require grad
+    yourself or use ``use_reentrant=False``."""
+    st = model.__dict__.get("_adaptkit")
+    if st is None:
+        return
+    if st.input_hook is not None:
+        st.input_hook.remove()
+        st.input_hook = None
+    get = getattr(model, "get_input_embeddings", None)
+    if not st.specs or not callable(get):
+        return
+    try:
+        emb = get()
+    except Exception:  # noqa: BLE001 - a user model's method (transformers may raise NotImplementedError)
+        return
+    flags = tuple(m for m in model.modules() if hasattr(m, "gradient_checkpointing"))
+    if isinstance(emb, nn.Module) and flags:
+        st.input_hook = emb.register_forward_hook(_InputGrads(flags))
 
 
 def inject(model: nn.Module, spec: AdapterSpec, name: str = "default") -> list[str]:
     """Swap every module ``spec`` matches for an adapted layer carrying adapter ``name``.
 
     Freezes the base, makes the new adapter active and trainable (alongside those already
-    active), and returns the adapted module paths. Nothing changes if anything fails."""
+    active), and returns the adapted module paths. Nothing changes if anything fails.
+    On a model with ``get_input_embeddings()`` (transformers), the embedding output is made to
+    require grad while gradient checkpointing is on, so reentrant checkpointing trains the
+    adapters (see :class:`_InputGrads`; removed with the last adapter)."""
     built, extras = plan(model, spec, name)
     return attach(model, spec, name, built, extras)
 
@@ -191,6 +245,7 @@ def delete(model: nn.Module, name: str) -> None:
     st.extras.pop(name, None)
     st.active = [n for n in st.active if n != name]
     refresh(model)
+    sync_input_grads(model)
 
 
 @dataclass

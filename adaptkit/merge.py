@@ -59,6 +59,8 @@ def merge(model: nn.Module, unload: bool = True) -> nn.Module:
     if unload and "_adaptkit" in model.__dict__:  # nothing injected: leave requires_grad alone
         for n, p in model.named_parameters():
             p.requires_grad_(st.frozen_from.get(n, True))
+        if st.input_hook is not None:  # the gradient-checkpointing hook of inject
+            st.input_hook.remove()
         model.__dict__.pop("_adaptkit", None)
     else:
         refresh(model)
