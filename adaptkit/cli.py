@@ -31,11 +31,10 @@ import sys
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from . import __version__
 from .errors import AdaptkitError
-from .io import read
+from .io import read, write_safetensors
 from .layer import stand_in
 from .peft_compat import from_peft, group_keys, read_folder, spec_fields, to_peft, write_folder
 from .spec import AdapterSpec
@@ -214,28 +213,15 @@ def cmd_merge(args) -> None:
         base[key] = w.to(base[key].dtype)
     for q in extras:
         base[pre + q] = tensors[q].to(base[pre + q].dtype)
-    _atomic_save(base, args.output, base_meta)
+    write_safetensors(base, args.output, base_meta)
     print(f"wrote {args.output}: {len(paths)} merged layers, {len(extras)} replaced tensors")
-
-
-def _atomic_save(tensors: dict, path: str, metadata: dict) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise AdaptkitError(f"output folder '{folder}' does not exist")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        save_file({k: t.contiguous() for k, t in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def cmd_convert(args) -> None:
     if os.path.isdir(args.src):  # PEFT folder -> adaptkit file
         base = _read_base(args.base)[0] if args.base else None
         tensors, meta = _load_adapter(args.src, base, args.prefix)
-        _atomic_save({k: t.contiguous().clone() for k, t in tensors.items()}, args.output, meta)
+        write_safetensors(tensors, args.output, meta)
         what = f"adaptkit file {args.output}"
     else:  # adaptkit file -> PEFT folder
         tensors, meta = _load_adapter(args.src)

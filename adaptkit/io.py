@@ -60,22 +60,43 @@ def save(model: nn.Module, path: str | os.PathLike, name: str = "default") -> No
     if name not in st.specs:
         raise AdaptkitError(f"save: no adapter named {name!r}; this model has {sorted(st.specs)}")
     tensors, layers = adapter_tensors(model, name)
-    # safetensors refuses shared / non-contiguous storage; the file owns plain copies
-    tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()}
     meta = {"adaptkit.format": FORMAT, "adaptkit.version": _version(),
             "adaptkit.spec": json.dumps(st.specs[name].to_dict()),
             "adaptkit.layers": json.dumps(layers)}
+    write_safetensors(tensors, path, meta)
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``:
+    readers see the old file or the new one, and a failure leaves no partial file."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise AdaptkitError(f"cannot write '{path}': folder '{folder}' does not exist; create it first")
     fd, tmp = tempfile.mkstemp(prefix=".adaptkit-", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=meta)
+        write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                      metadata: dict[str, str] | None = None) -> None:
+    """Atomically write ``tensors`` (moved to CPU) with string ``metadata``. safetensors
+    refuses non-contiguous tensors and tensors sharing storage (tied weights): those are
+    copied, the rest are written as they are (a merged checkpoint is not held twice)."""
+    seen: set[int] = set()
+    out = {}
+    for k, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        out[k] = t.clone() if ptr in seen else t
+        seen.add(ptr)
+    tensors = out
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -20,15 +20,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 
 import torch.nn as nn
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .errors import AdaptkitError
 from .inject import state
-from .io import FORMAT, _version, adapter_tensors, load_tensors
+from .io import FORMAT, _version, adapter_tensors, atomic_write, load_tensors, write_safetensors
 from .layer import AdaptedLayer, base_kind, stand_in
 from .peft_config import pattern_value, peft_config, peft_targets, saved_names, saved_paths, spec_fields
 from .spec import METHODS, AdapterSpec
@@ -251,20 +249,12 @@ def write_folder(folder, cfg: dict, tensors: dict) -> None:
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise _err(f"'{folder}' exists and is not a folder")
     os.makedirs(folder, exist_ok=True)
-    tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()}
-    for fname in (WEIGHTS, CONFIG):
-        fd, tmp = tempfile.mkstemp(prefix=".adaptkit-", suffix=".tmp", dir=folder)
-        os.close(fd)
-        try:
-            if fname == WEIGHTS:
-                save_file(tensors, tmp, metadata={"format": "pt"})
-            else:
-                with open(tmp, "w") as f:
-                    json.dump(cfg, f, indent=2, sort_keys=True)
-            os.replace(tmp, os.path.join(folder, fname))
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    write_safetensors(tensors, os.path.join(folder, WEIGHTS), {"format": "pt"})
+
+    def write_config(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(cfg, f, indent=2, sort_keys=True)
+    atomic_write(os.path.join(folder, CONFIG), write_config)
 
 
 # ---- model level -------------------------------------------------------------------------
