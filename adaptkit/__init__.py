@@ -12,6 +12,7 @@ from .errors import AdaptkitError
 from .inject import delete, disabled, inject, set_active, summary
 from .io import load, save
 from .merge import merge
+from .optim import param_groups  # LoRA+ learning-rate groups
 from . import peft_compat  # ak.peft_compat: read / write PEFT adapter folders
 from .methods import LoRA
 from .methods import GeoLoRA, GeoLoRAOptimizer
@@ -20,6 +21,6 @@ from .methods import LoRAMPO
 from .methods import MoRA, MoRALinear
 
 __all__ = [
-    "AdaptkitError", "DoRA", "GeoLoRA", "GeoLoRAOptimizer", "LoKr", "LoRA", "LoRAMPO", "MoRA", "MoRALinear", "combine", "delete", "disabled", "inject", "load", "merge",
+    "AdaptkitError", "DoRA", "GeoLoRA", "GeoLoRAOptimizer", "LoKr", "LoRA", "LoRAMPO", "MoRA", "MoRALinear", "combine", "delete", "disabled", "inject", "load", "merge", "param_groups",
     "save", "set_active", "summary",
 ]
