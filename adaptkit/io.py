@@ -32,8 +32,21 @@ def _version() -> str:
     return __version__
 
 
+def _is_sharded(t: torch.Tensor) -> bool:
+    """A DTensor (FSDP2 ``fully_shard``, tensor parallel), recognised without importing
+    torch.distributed."""
+    return hasattr(t, "full_tensor") and hasattr(t, "placements")
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a DTensor is gathered from its mesh (a collective, so every rank
+    must get here); any other tensor is returned as it is."""
+    return t.full_tensor() if _is_sharded(t) else t
+
+
 def adapter_tensors(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """File tensors and the ``adaptkit.layers`` table of adapter ``name``."""
+    """File tensors and the ``adaptkit.layers`` table of adapter ``name``. Sharded (DTensor)
+    parameters are gathered whole, a collective: every rank must call this together."""
     st = state(model)
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict] = {}
@@ -42,24 +55,30 @@ def adapter_tensors(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor
         if a is None:
             continue
         for k, t in a.state_dict().items():
-            tensors[f"{path}.{k}"] = t
+            tensors[f"{path}.{k}"] = _full(t)
         layers[path] = {"method": st.specs[name].method, "base": layer._base_cls.__name__,
                         "kind": layer.kind, "shape": list(layer.weight.shape),
                         "state": a.layer_state()}
     params = dict(model.named_parameters())
     for q in st.extras.get(name, []):
-        tensors[q] = params[q].detach()
+        tensors[q] = _full(params[q].detach())
         mod = q.rsplit(".", 1)[0] if "." in q else ""
         layers.setdefault(mod, {"method": "trained", "base": type(model.get_submodule(mod)).__name__})
     return tensors, layers
 
 
 def save(model: nn.Module, path: str | os.PathLike, name: str = "default") -> None:
-    """Write adapter ``name`` of ``model`` to ``path`` atomically (temp file + rename)."""
+    """Write adapter ``name`` of ``model`` to ``path`` atomically (temp file + rename).
+
+    Distributed: with DDP pass the wrapped model (``ddp.module``) and call it on one rank.
+    With FSDP2 (``fully_shard``: DTensor parameters) call it on every rank: the shards are
+    gathered (a collective) and rank 0 writes the same file a single process would."""
     st = state(model)
     if name not in st.specs:
         raise AdaptkitError(f"save: no adapter named {name!r}; this model has {sorted(st.specs)}")
     tensors, layers = adapter_tensors(model, name)
+    if any(_is_sharded(p) for p in model.parameters()) and torch.distributed.get_rank() != 0:
+        return  # every rank took part in the gather above; rank 0 alone writes
     meta = {"adaptkit.format": FORMAT, "adaptkit.version": _version(),
             "adaptkit.spec": json.dumps(st.specs[name].to_dict()),
             "adaptkit.layers": json.dumps(layers)}

@@ -302,7 +302,9 @@ class DoRAAdapter(LoRAAdapter):
             out = _DoRAScale.apply(t, m, n, layer.bias, x, cd, z)
         if isinstance(out.grad_fn, _DoRAScale._backward_cls):
             out.grad_fn.version = out._version  # backward compares: was out changed in place?
-        return out.view(y.shape)  # (T, out) -> (..., out) on the fused path
+        # (T, out) -> (..., out) on the fused path; no view when the shapes agree (FSDP2 warns
+        # about a module output that is a view: in-place ops on it would skip its hooks)
+        return out if out.shape == y.shape else out.view(y.shape)
 
     @torch.no_grad()
     def _z(self, layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor:
