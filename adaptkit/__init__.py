@@ -19,8 +19,10 @@ from .methods import GeoLoRA, GeoLoRAOptimizer
 from .methods import DoRA, LoKr
 from .methods import LoRAMPO
 from .methods import MoRA, MoRALinear
+from .methods import QLoRA
+from . import nf4  # ak.nf4: NF4 kernels, quantize / save / load a model
 
 __all__ = [
-    "AdaptkitError", "DoRA", "GeoLoRA", "GeoLoRAOptimizer", "LoKr", "LoRA", "LoRAMPO", "MoRA", "MoRALinear", "combine", "delete", "disabled", "inject", "load", "merge", "param_groups",
+    "AdaptkitError", "DoRA", "GeoLoRA", "GeoLoRAOptimizer", "LoKr", "LoRA", "LoRAMPO", "MoRA", "MoRALinear", "QLoRA", "combine", "delete", "disabled", "inject", "load", "merge", "param_groups",
     "save", "set_active", "summary",
 ]

@@ -71,8 +71,8 @@ def plan(model: nn.Module, spec: AdapterSpec, name: str, paths: list[str] | None
             errors.append(f"{type(spec).__name__} cannot adapt '{path}' ({type(m).__name__}); "
                           f"exclude it or narrow targets")
             continue
-        layer = wrap(m)
         try:
+            layer = wrap(spec.prepare_base(m, path))  # QLoRA: an NF4 copy of a float Linear
             adapter = spec.build(layer, path)
             if layer_states and path in layer_states:
                 adapter.load_layer_state(layer_states[path], path)

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from .errors import AdaptkitError
 from .inject import attach, plan, state
-from .layer import adapted_layers, base_kind
+from .layer import adapted_layers, base_kind, weight_shape
 from .spec import AdapterSpec
 
 FORMAT = "1"
@@ -57,7 +57,7 @@ def adapter_tensors(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor
         for k, t in a.state_dict().items():
             tensors[f"{path}.{k}"] = _full(t)
         layers[path] = {"method": st.specs[name].method, "base": layer._base_cls.__name__,
-                        "kind": layer.kind, "shape": list(layer.weight.shape),
+                        "kind": layer.kind, "shape": weight_shape(layer),
                         "state": a.layer_state()}
     params = dict(model.named_parameters())
     for q in st.extras.get(name, []):
@@ -120,6 +120,23 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
 
 def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read an adaptkit file: (tensors, metadata); a clear error for anything else."""
+    tensors, meta = read_safetensors(path)
+    path = os.fspath(path)
+    fmt = meta.get("adaptkit.format")
+    if fmt != FORMAT:
+        raise AdaptkitError(
+            f"load: '{path}' has adaptkit.format={fmt!r}, expected {FORMAT!r}"
+            + ("; it is not an adaptkit file (a PEFT folder? use ak.peft_compat)" if fmt is None
+               else "; it was written by another adaptkit version: upgrade adaptkit"))
+    for k in ("adaptkit.spec", "adaptkit.layers"):
+        if k not in meta:
+            raise AdaptkitError(f"load: '{path}' lacks the metadata key {k!r}; re-save it with ak.save")
+    return tensors, meta
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of any safetensors file; a clear error for a missing, truncated or
+    pickle file."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise AdaptkitError(f"load: no file at '{path}'")
@@ -132,15 +149,6 @@ def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, st
             f"load: '{path}' is not a readable safetensors file ({type(e).__name__}: {e}); it may "
             f"be truncated, or a pickle (.bin/.pt), which adaptkit never loads. Re-save it with "
             f"ak.save") from None
-    fmt = meta.get("adaptkit.format")
-    if fmt != FORMAT:
-        raise AdaptkitError(
-            f"load: '{path}' has adaptkit.format={fmt!r}, expected {FORMAT!r}"
-            + ("; it is not an adaptkit file (a PEFT folder? use ak.peft_compat)" if fmt is None
-               else "; it was written by another adaptkit version: upgrade adaptkit"))
-    for k in ("adaptkit.spec", "adaptkit.layers"):
-        if k not in meta:
-            raise AdaptkitError(f"load: '{path}' lacks the metadata key {k!r}; re-save it with ak.save")
     return tensors, meta
 
 
@@ -170,7 +178,7 @@ def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[
         except AttributeError:
             problems.append(f"module '{p}' is in the file but not in the model")
             continue
-        if base_kind(m) != d.get("kind") or list(m.weight.shape) != d.get("shape"):
+        if base_kind(m) != d.get("kind") or weight_shape(m) != d.get("shape"):
             problems.append(f"'{p}': file has {d.get('base')} weight {d.get('shape')}, model has "
                             f"{type(m).__name__} weight {list(getattr(m, 'weight', torch.empty(0)).shape)}")
     if problems:

@@ -239,6 +239,12 @@ class AdaptedLayer(nn.Module):
             self.weight.copy_(w)
         self.set_active(self._active_names)
 
+    def unload(self, requantize: bool = False) -> nn.Module:
+        """The plain module ``ak.merge`` puts back: ``unwrap()``. A quantised base (NF4,
+        methods/qlora_nf4.py) overrides it to return a dense layer, or with ``requantize`` a
+        re-quantised one; a float base has nothing to re-quantise."""
+        return self.unwrap()
+
     def unwrap(self) -> nn.Module:
         """The original module, holding this wrapper's (possibly merged) parameters."""
         base = self.__dict__["_base"]
@@ -265,13 +271,24 @@ def wrap(base: nn.Module) -> AdaptedLayer:
         raise AdaptkitError(f"cannot wrap {type(base).__name__}: not an adaptable base")
     cls = type(base)
     if cls not in _WRAPPERS:
-        _WRAPPERS[cls] = type(f"Adapted{cls.__name__}", (AdaptedLayer, cls),
-                              {"kind": kind, "_base_cls": cls, "forward": AdaptedLayer.forward,
+        # a quantised base (NF4) names the AdaptedLayer overrides its packed weight needs
+        mixin = getattr(cls, "adaptkit_layer_mixin", None)
+        _WRAPPERS[cls] = type(f"Adapted{cls.__name__}",
+                              (AdaptedLayer, cls) if mixin is None else (mixin, AdaptedLayer, cls),
+                              {"kind": kind, "_base_cls": cls,
+                               "forward": getattr(mixin, "forward", AdaptedLayer.forward),
                                "extra_repr": AdaptedLayer.extra_repr,
                                "__module__": __name__})
     layer = _WRAPPERS[cls].__new__(_WRAPPERS[cls])
     layer._adopt(base)
     return layer
+
+
+def weight_shape(m: nn.Module) -> list[int]:
+    """Dense weight shape of a base or wrapped layer: ``weight.shape``, or (out, in) for a
+    quantised Linear whose ``weight`` holds packed bytes (adaptkit.nf4.NF4Linear)."""
+    w = m.weight
+    return list(w.shape) if w.is_floating_point() else [m.out_features, m.in_features]
 
 
 def adapted_layers(model: nn.Module):

@@ -6,6 +6,8 @@ half-merged.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 
@@ -35,21 +37,39 @@ def _check_finite(model: nn.Module, names_of) -> None:
                             f"nothing was merged. Inspect or retrain those adapters")
 
 
-def merge(model: nn.Module, unload: bool = True) -> nn.Module:
+def merge(model: nn.Module, unload: bool = True, requantize: bool = False) -> nn.Module:
     """Fold the active adapters into the base weights.
 
     unload=True (default): drop every adapter (inactive ones are discarded) and restore the
     original module classes, state-dict keys and ``requires_grad`` flags; the returned model
-    has no trace of adaptkit and loads a base checkpoint with ``strict=True``.
+    has no trace of adaptkit and loads a base checkpoint with ``strict=True``. A QLoRA
+    layer comes back as a dense ``nn.Linear`` in its compute dtype (dequantised W + delta,
+    summed in fp32): never silently re-quantised.
     unload=False: merge in place and keep the adapters, so ``unmerge(model)`` can undo it.
+    requantize=True (with unload): QLoRA layers come back re-quantised to NF4 instead; each
+    records the output drift this caused in ``.requant_drift`` and a warning reports the
+    largest (see ``adaptkit.nf4.drift_report``).
     """
     st = state(model)
     active = set(st.active)
+    if requantize and not (unload and any(not l.weight.is_floating_point() for _, l in adapted_layers(model))):
+        raise AdaptkitError("merge: requantize=True needs unload=True and a model with quantised "
+                            "(QLoRA / NF4) adapted layers; nothing was merged")
     _check_finite(model, lambda layer: [n for n in layer.adapters if n in active])
+    drift = {}
     for path, layer in adapted_layers(model):
         layer.merge([n for n in layer.adapters if n in active], check=False)
         if unload:
-            model.set_submodule(path, layer.unwrap())
+            new = layer.unload(requantize)
+            model.set_submodule(path, new)
+            if getattr(new, "requant_drift", None) is not None:
+                drift[path] = new.requant_drift["max_rel_output"]
+    if drift:
+        worst = max(drift, key=drift.get)
+        warnings.warn(f"merge(requantize=True): re-quantising {len(drift)} merged layer(s) to NF4 "
+                      f"changed their outputs by up to {drift[worst]:.2%} (relative, at '{worst}'); "
+                      f"per layer: module.requant_drift or adaptkit.nf4.drift_report(model)",
+                      stacklevel=2)
     for path, m in _drop_ins(model):
         new = m.adaptkit_merge(unload)
         if new is not m and path:

@@ -401,3 +401,16 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State,
         tail = pairs[pb[nfull * bs // 2:].long()].view(torch.float32)[: n - nfull * bs]
         out[nfull * bs:] = tail * absmax[-1]
     return out.view(state.shape)  # [n] -> original shape
+
+
+# Model-level NF4 lives in adaptkit/methods (it needs the core, which this kernel module does
+# not import): adaptkit.nf4.quantize / save / load / drift_report / NF4Linear, loaded lazily.
+_MODEL_API = {"NF4Linear": "qlora_nf4", "quantize": "qlora_io", "save": "qlora_io",
+              "load": "qlora_io", "drift_report": "qlora_io"}
+
+
+def __getattr__(name: str):
+    if name in _MODEL_API:
+        import importlib
+        return getattr(importlib.import_module(f"adaptkit.methods.{_MODEL_API[name]}"), name)
+    raise AttributeError(f"module 'adaptkit.nf4' has no attribute {name!r}")

@@ -173,6 +173,18 @@ class AdapterSpec:
         """Whether this method can adapt a base of ``kind`` (see layer.base_kind)."""
         return kind in ("linear", "conv1d_t")
 
+    def prepare_base(self, module, path: str):
+        """The module to wrap at ``path``, at plan time (must not mutate ``module``).
+
+        Default: ``module`` itself, refused when its weight is quantised (packed integers),
+        which only a quantising method adapts. QLoRA returns an NF4 copy of a float Linear."""
+        w = getattr(module, "weight", None)
+        if w is not None and not w.is_floating_point():
+            raise AdaptkitError(f"{type(self).__name__} cannot adapt '{path}': its base "
+                                f"{type(module).__name__} stores a quantised ({w.dtype}) weight; "
+                                f"use ak.QLoRA (use_dora=True for DoRA) on NF4 bases")
+        return module
+
     def build(self, layer, path: str):
         """Build (without mutating ``layer``) the Adapter module for one wrapped layer."""
         raise NotImplementedError

@@ -10,5 +10,6 @@ from .dora import DoRA
 from .lokr import LoKr
 from .lorampo import LoRAMPO
 from .mora import MoRA, MoRALinear
+from .qlora_nf4 import QLoRA
 
-__all__ = ["METHODS", "DoRA", "GeoLoRA", "GeoLoRAOptimizer", "LoKr", "LoRA", "LoRAMPO", "MoRA", "MoRALinear"]
+__all__ = ["METHODS", "DoRA", "GeoLoRA", "GeoLoRAOptimizer", "LoKr", "LoRA", "LoRAMPO", "MoRA", "MoRALinear", "QLoRA"]

@@ -4,7 +4,8 @@ import adaptkit as ak
 
 TARGET = r"blocks\.0\.proj"
 
-# method -> (spec factory, supported kinds, (fp32 atol, bf16 atol))
+# method -> (spec factory, supported kinds, (fp32 atol, bf16 atol)[, quantize]); ``quantize(model)``
+# for methods whose inject quantises the base: it quantises a reference model the same way
 CASES = {
     "dora": (lambda **kw: ak.DoRA(rank=3, alpha=5.0, targets=TARGET, **kw),
              {"linear", "conv1d_t", "conv"}, (2e-5, 3e-2)),
@@ -18,4 +19,6 @@ CASES = {
                 {"linear", "conv1d_t"}, (2e-5, 3e-2)),
     "mora": (lambda **kw: ak.MoRA(rank=3, mora_type=6, targets=TARGET, **kw),
              {"linear", "conv1d_t"}, (2e-5, 3e-2)),
+    "qlora": (lambda **kw: ak.QLoRA(rank=3, alpha=5.0, targets=TARGET, **kw), {"linear"}, (2e-5, 3e-2),
+              lambda model: ak.nf4.quantize(model, targets=TARGET)),
 }

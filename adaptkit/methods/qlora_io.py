@@ -1,0 +1,174 @@
+"""Model-level NF4, reached as ``adaptkit.nf4.quantize / save / load / drift_report``:
+quantise a model's Linear weights without adapters, and save / load a quantised model so
+it need not be re-quantised at every start.
+
+File (one safetensors, written atomically): every state-dict tensor of the model except
+adapters; each NF4 layer in bitsandbytes' serialisation (``<path>.weight`` uint8
+[ceil(n/2), 1], ``<path>.weight.absmax``, ``.quant_map``, ``.nested_absmax``,
+``.nested_quant_map``, ``.quant_state.bitsandbytes__nf4``; see adaptkit.nf4.NF4State).
+Metadata: ``adaptkit.nf4.format`` = "1", ``adaptkit.version``, ``adaptkit.nf4.layers``
+(JSON: path -> compute dtype). Loading validates every key and shape before it touches
+the model.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.nn as nn
+
+from ..errors import AdaptkitError
+from ..inject import state
+from ..io import read_safetensors, write_safetensors
+from ..layer import AdaptedLayer, adapted_layers, base_kind
+from ..nf4 import NF4State
+from ..spec import _as_tuple
+from ..targets import select
+from .qlora_nf4 import DTYPE_NAMES, DTYPES, NF4Linear, check_settings
+
+FORMAT = "1"
+_OWN = ("weight", "absmax", "nested_absmax", "offset")  # an NF4 layer's own buffer names
+
+# what targets.select reads; the class name is what its errors call the caller
+_Select = type("adaptkit.nf4.quantize", (), {"layers_to_transform": None, "layers_pattern": None})
+
+
+def _no_adapters(model: nn.Module, what: str) -> None:
+    if state(model).specs or adapted_layers(model):
+        raise AdaptkitError(f"{what}: the model carries adapters {sorted(state(model).specs)}; work on "
+                            f"the base before ak.inject (ak.QLoRA quantises its targets itself)")
+
+
+def quantize(model: nn.Module, targets="all-linear", *, exclude=None, blocksize: int = 64,
+             double_quant: bool = True, compute_dtype: str | None = None) -> list[str]:
+    """Replace every nn.Linear matching ``targets`` (regexes, ``re.fullmatch``; default
+    "all-linear": every Linear but the output head) by an :class:`NF4Linear`, in place.
+
+    Deterministic (same bytes as ak.QLoRA's inject with the same settings). Returns the
+    quantised paths; Linears that already are NF4 are skipped. Everything is checked and
+    quantised before the first module is swapped."""
+    owner = "adaptkit.nf4.quantize"
+    check_settings(owner, blocksize, double_quant, compute_dtype)
+    _no_adapters(model, owner)
+    sel = _Select()
+    sel.targets, sel.exclude = _as_tuple(owner, "targets", targets), _as_tuple(owner, "exclude", exclude)
+    paths = [p for p in select(model, sel) if not isinstance(model.get_submodule(p), NF4Linear)]
+    bad = [f"'{p}' ({type(model.get_submodule(p)).__name__})" for p in paths
+           if base_kind(model.get_submodule(p)) != "linear"]
+    if bad:
+        raise AdaptkitError(f"{owner}: quantises nn.Linear only, but targets matched {', '.join(bad)}; "
+                            f"exclude them or narrow targets")
+    kw = dict(blocksize=blocksize, double_quant=double_quant, compute_dtype=DTYPES.get(compute_dtype))
+    new = {p: NF4Linear.from_linear(model.get_submodule(p), **kw) for p in paths}
+    for p, q in new.items():
+        model.set_submodule(p, q)
+    return paths
+
+
+def _nf4_modules(model: nn.Module) -> dict[str, NF4Linear]:
+    return {p: m for p, m in model.named_modules() if isinstance(m, NF4Linear)}
+
+
+def _key(path: str, leaf: str) -> str:
+    return f"{path}.{leaf}" if path else leaf
+
+
+def save(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write the model's weights with its NF4 layers packed (module docstring), atomically.
+    Adapters are not included (``ak.save`` writes those)."""
+    nf4 = _nf4_modules(model)
+    if not nf4:
+        raise AdaptkitError("adaptkit.nf4.save: the model has no NF4 layer; quantise it first "
+                            "(adaptkit.nf4.quantize) or save it with safetensors directly")
+    merged = [p for p, l in adapted_layers(model) if any(a.merged for a in l.adapters.values())]
+    if merged:
+        raise AdaptkitError(f"adaptkit.nf4.save: adapters are merged in place at {merged[:3]}; "
+                            f"ak.unmerge(model) first, so the base weights are saved")
+    tensors, layers = {}, {}
+    for k, t in model.state_dict().items():
+        mod, _, leaf = k.rpartition(".")
+        if ".adapters." in f".{k}" or (mod in nf4 and leaf in _OWN):
+            continue
+        tensors[k] = t
+    for p, m in nf4.items():
+        tensors[_key(p, "weight")] = m.weight.view(-1, 1)  # bitsandbytes: [ceil(n/2), 1]
+        tensors.update(m.state().to_tensors(prefix=_key(p, "weight")))
+        layers[p] = {"compute_dtype": DTYPE_NAMES[m.compute_dtype]}
+    from .. import __version__
+    meta = {"adaptkit.nf4.format": FORMAT, "adaptkit.version": __version__,
+            "adaptkit.nf4.layers": json.dumps(layers)}
+    write_safetensors(tensors, path, meta)
+
+
+def load(model: nn.Module, path: str | os.PathLike) -> list[str]:
+    """Load a file from :func:`save` into ``model``: the float model it was made from (its
+    Linears at the file's NF4 paths become NF4Linear) or an already quantised one. Returns
+    the NF4 paths. Missing / unexpected / mis-shaped keys are reported together and leave
+    the model untouched."""
+    tensors, meta = read_safetensors(path)
+    where = f"adaptkit.nf4.load '{os.fspath(path)}'"
+    if meta.get("adaptkit.nf4.format") != FORMAT:
+        hint = "an adapter file: use ak.load" if "adaptkit.format" in meta else "not an adaptkit.nf4.save file"
+        raise AdaptkitError(f"{where}: adaptkit.nf4.format={meta.get('adaptkit.nf4.format')!r}, "
+                            f"expected {FORMAT!r} ({hint})")
+    _no_adapters(model, where)
+    layers = json.loads(meta.get("adaptkit.nf4.layers", "{}"))
+    problems, built = [], {}
+    for p, d in layers.items():
+        try:
+            m = model.get_submodule(p) if p else None  # (the root module cannot be swapped)
+        except AttributeError:
+            m = None
+        if m is None:
+            problems.append(f"NF4 layer '{p}' is not in the model")
+            continue
+        try:
+            st = NF4State.from_tensors(tensors, prefix=_key(p, "weight"))
+            packed = tensors[_key(p, "weight")].reshape(-1)  # [ceil(n/2), 1] -> [ceil(n/2)]
+            if base_kind(m) != "linear" or [m.out_features, m.in_features] != list(st.shape):
+                raise AdaptkitError(f"'{p}': file has an NF4 weight {list(st.shape)}, the model a "
+                                    f"{type(m).__name__}{' weight ' + str(list(m.weight.shape)) if hasattr(m, 'weight') else ''}")
+            if (m.bias is None) != (_key(p, "bias") not in tensors):
+                raise AdaptkitError(f"'{p}': bias {'missing in the file' if m.bias is not None else 'unexpected'}")
+            if packed.dtype != torch.uint8 or packed.numel() != (st.numel + 1) // 2:
+                raise AdaptkitError(f"'{p}': packed weight is {packed.dtype}[{packed.numel()}], expected "
+                                    f"uint8[{(st.numel + 1) // 2}]")
+        except AdaptkitError as e:
+            problems.append(str(e))
+            continue
+        dev = m.weight.device
+        q = NF4Linear(st.shape[1], st.shape[0], bias=False, blocksize=st.blocksize,
+                      double_quant=st.double_quant, nested_blocksize=st.nested_blocksize,
+                      dtype=st.dtype, compute_dtype=DTYPES[d["compute_dtype"]], device="meta")
+        q.weight, q.absmax = packed.to(dev), st.absmax.to(dev)
+        q.nested_absmax = None if st.nested_absmax is None else st.nested_absmax.to(dev)
+        q.offset = None if st.offset is None else st.offset.to(dev)
+        q.register_parameter("bias", m.bias)  # the model's Parameter, loaded below
+        built[p] = q.train(m.training)
+    # every other tensor: exactly the model's remaining state-dict keys, with their shapes
+    own = {_key(p, k) for p in layers for k in _OWN}
+    model_sd = {k: v for k, v in model.state_dict().items() if k not in own}
+    rest = {k: v for k, v in tensors.items()
+            if not any(k == _key(p, "weight") or k.startswith(_key(p, "weight.")) for p in layers)}
+    missing = sorted(set(model_sd) - set(rest))
+    unexpected = sorted(set(rest) - set(model_sd))
+    shaped = [f"{k}: file {tuple(rest[k].shape)} vs model {tuple(model_sd[k].shape)}"
+              for k in sorted(set(rest) & set(model_sd)) if rest[k].shape != model_sd[k].shape]
+    problems += [f"missing keys {missing}"] * bool(missing) + [f"unexpected keys {unexpected}"] * \
+        bool(unexpected) + [f"mis-shaped tensors [{'; '.join(shaped)}]"] * bool(shaped)
+    if problems:
+        raise AdaptkitError(f"{where}: " + "; ".join(problems) + ". Nothing was loaded")
+    for p, q in built.items():
+        model.set_submodule(p, q)
+    with torch.no_grad():
+        params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        for k, v in rest.items():
+            params[k].copy_(v)
+    return list(layers)
+
+
+def drift_report(model: nn.Module) -> dict[str, dict[str, float]]:
+    """Per path, the ``requant_drift`` that ``ak.merge(model, requantize=True)`` recorded."""
+    return {p: m.requant_drift for p, m in model.named_modules()
+            if isinstance(getattr(m, "requant_drift", None), dict)}

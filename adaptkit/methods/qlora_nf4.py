@@ -1,0 +1,397 @@
+r"""QLoRA: LoRA on a frozen 4-bit NormalFloat base (Dettmers, Pagnoni, Holtzman, Zettlemoyer,
+"QLoRA: Efficient Finetuning of Quantized LLMs", NeurIPS 2023, arXiv 2305.14314), and QDoRA
+(DoRA, Liu et al., ICML 2024, on the same base) with ``use_dora=True``.
+
+    y = deq(W_nf4) x + b + s B A drop(x)           QDoRA: y = g ⊙ (deq(W_nf4) x + s B A x) + b
+
+The base W (out, in) is held in NF4 (:mod:`adaptkit.nf4`, bit-identical to bitsandbytes) by
+:class:`NF4Linear`, whose buffers are
+
+    weight         uint8 [ceil(out*in/2)]    two 4-bit codes per byte, first in the high nibble
+    absmax         fp32 [nb], nb = ceil(out*in/blocksize); with double quantisation uint8 codes
+    nested_absmax  fp32 [ceil(nb/256)]       (double quantisation only)
+    offset         fp32 []                   (double quantisation only)
+
+i.e. 4 + 8/64 + 32/(64*256) ≈ 4.127 bits per weight with double quantisation, 4.5 without.
+The adapters are LoRA's / DoRA's own classes (lora_A (r, in), lora_B (out, r), DoRA's
+lora_magnitude (out,)) in the compute dtype; ``delta_weight = s B A`` (out, in) in fp32.
+
+Forward dequantises W to ``compute_dtype`` (default: the dtype W had when quantised; the
+QLoRA paper uses bfloat16), runs F.linear there and returns the input's dtype. In training
+the dense W is not kept for backward but dequantised again (QLoRA's memory: autograd holds
+no dense copy of a frozen weight). The dense reference of invariant 1 is the dequantised W.
+
+Keys (DESIGN invariant 3, the documented exception): injecting QLoRA replaces the float
+``<path>.weight`` by the packed bytes under the same key plus ``<path>.absmax`` /
+``nested_absmax`` / ``offset``. A float base checkpoint still loads (``load_state_dict``
+quantises a float ``weight`` the way inject does: same bytes every time), and ``ak.merge``
+gives back ``nn.Linear`` with the original keys.
+
+Merge: in place, the packed bytes stay and a dense merged weight (compute dtype, a
+non-persistent buffer) serves forward, so unmerge is exact. ``ak.merge(model)`` returns a
+dense ``nn.Linear`` in the compute dtype (dequantised W + delta, summed in fp32), never a
+silently re-quantised one (PEFT re-quantises, moving outputs ~10%). ``ak.merge(model,
+requantize=True)`` re-quantises and records the output drift it caused (``requant_drift``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import AdaptkitError
+from ..layer import AdaptedLayer
+from ..nf4 import NF4State, dequantize_nf4, quantize_nf4
+from ..spec import register_method
+from .dora import DoRAAdapter
+from .lora import LoRA, LoRAAdapter, check_rank, lora_scale
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_STATE = ("absmax", "nested_absmax", "offset")
+
+
+def check_settings(owner: str, blocksize, double_quant, compute_dtype) -> None:
+    """The NF4 settings shared by ak.QLoRA and adaptkit.nf4.quantize."""
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 2 or blocksize % 2:
+        raise AdaptkitError(f"{owner}: blocksize={blocksize!r} must be a positive even int; "
+                            f"QLoRA and bitsandbytes use blocksize=64")
+    if not isinstance(double_quant, bool):
+        raise AdaptkitError(f"{owner}: double_quant must be a bool, got {double_quant!r}")
+    if compute_dtype is not None and compute_dtype not in DTYPES:
+        raise AdaptkitError(f"{owner}: compute_dtype={compute_dtype!r} is not one of "
+                            f"{[None, *DTYPES]}; None keeps the weight's dtype, QLoRA uses 'bfloat16'")
+
+
+class _NF4LinearFn(torch.autograd.Function):
+    """y = x W^T + b with W = deq() in the compute dtype; backward dequantises W again rather
+    than keeping it (bitsandbytes' MatMul4Bit does the same)."""
+
+    @staticmethod
+    def forward(ctx, x, bias, deq):
+        ctx.deq = deq
+        return F.linear(x, deq(), bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        gx = g @ ctx.deq() if ctx.needs_input_grad[0] else None  # (..., out) @ (out, in)
+        gb = g.reshape(-1, g.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None  # (out,)
+        return gx, gb, None
+
+
+def nf4_forward(layer: "NF4Linear", x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The NF4 base op: F.linear in the compute dtype, returned in x's dtype."""
+    cd = layer.compute_dtype
+    xc = x.to(cd)
+    b = None if bias is None else bias.to(cd)
+    if xc.requires_grad and torch.is_grad_enabled():
+        y = _NF4LinearFn.apply(xc, b, layer.dequantize)
+    else:
+        y = F.linear(xc, layer.dequantize(), b)
+    return y.to(x.dtype)
+
+
+class NF4Linear(nn.Linear):
+    """A frozen ``nn.Linear`` whose weight is stored in NF4 (bitsandbytes' Linear4bit layout);
+    buffers and storage in the module docstring. ``dtype`` is the weight's dtype before
+    quantisation; ``compute_dtype`` (default ``dtype``) is what forward dequantises to.
+
+    ``.to(device)`` moves everything; ``.to(dtype)`` casts the bias only (the quantisation
+    state stays exact fp32). ``load_state_dict`` takes packed tensors, or a float (out, in)
+    ``weight``, which it quantises with this layer's settings.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 blocksize: int = 64, double_quant: bool = True, nested_blocksize: int = 256,
+                 dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype | None = None,
+                 device=None):
+        nn.Module.__init__(self)  # not nn.Linear.__init__: no dense weight is ever allocated
+        check_settings("NF4Linear", blocksize, double_quant, None)
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.blocksize, self.nested_blocksize = blocksize, nested_blocksize
+        self.weight_dtype, self.compute_dtype = dtype, compute_dtype or dtype
+        n = self.in_features * self.out_features
+        nb = -(-n // blocksize)
+        kw = dict(device=device)
+        self.register_buffer("weight", torch.zeros((n + 1) // 2, dtype=torch.uint8, **kw))
+        self.register_buffer("absmax", torch.zeros(nb, dtype=torch.uint8 if double_quant else torch.float32, **kw))
+        self.register_buffer("nested_absmax", torch.zeros(-(-nb // nested_blocksize), **kw) if double_quant else None)
+        self.register_buffer("offset", torch.zeros((), **kw) if double_quant else None)
+        self.register_parameter("bias", nn.Parameter(torch.zeros(out_features, dtype=dtype, **kw)) if bias else None)
+
+    @classmethod
+    def from_weight(cls, w: torch.Tensor, bias: nn.Parameter | None = None, *, blocksize: int = 64,
+                    double_quant: bool = True, nested_blocksize: int = 256,
+                    compute_dtype: torch.dtype | None = None) -> "NF4Linear":
+        """Quantise a dense (out, in) weight (deterministic: same bytes every time); ``bias``
+        is taken over as it is (same Parameter)."""
+        packed, st = quantize_nf4(w.detach(), blocksize, double_quant, nested_blocksize)
+        q = cls(w.shape[1], w.shape[0], bias=False, blocksize=blocksize, double_quant=double_quant,
+                nested_blocksize=nested_blocksize, dtype=w.dtype, compute_dtype=compute_dtype,
+                device="meta")
+        q.weight, q.absmax, q.nested_absmax, q.offset = packed, st.absmax, st.nested_absmax, st.offset
+        q.register_parameter("bias", bias)
+        return q
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, **settings) -> "NF4Linear":
+        """An NF4 copy of ``lin`` (left untouched; the bias Parameter is shared)."""
+        q = cls.from_weight(lin.weight, lin.bias, **settings)
+        return q.train(lin.training)
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    def state(self) -> NF4State:
+        return NF4State(absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)),
+                        dtype=self.weight_dtype, blocksize=self.blocksize,
+                        nested_absmax=self.nested_absmax, offset=self.offset,
+                        nested_blocksize=self.nested_blocksize)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense (out, in) weight in ``dtype`` (default: the compute dtype)."""
+        return dequantize_nf4(self.weight, self.state(), dtype or self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nf4_forward(self, x, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, nf4 blocksize={self.blocksize}, "
+                f"double_quant={self.double_quant}, compute_dtype={DTYPE_NAMES.get(self.compute_dtype)}")
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() cast floating buffers; the fp32 quantisation state must stay
+        # exact, so it passes as int32 bits (same storage): device moves still apply
+        hide = [k for k in _STATE if self._buffers.get(k) is not None and self._buffers[k].is_floating_point()]
+        for k in hide:
+            self._buffers[k] = self._buffers[k].view(torch.int32)
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            for k in hide:
+                self._buffers[k] = self._buffers[k].view(torch.float32)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        w = state_dict.get(prefix + "weight")
+        if isinstance(w, torch.Tensor) and w.is_floating_point():
+            shape = (self.out_features, self.in_features)
+            if tuple(w.shape) != shape:
+                error_msgs.append(f"size mismatch for {prefix}weight: float checkpoint weight "
+                                  f"{tuple(w.shape)}, NF4 layer is {shape}")
+                return
+            # a float checkpoint of the base: quantise it exactly as inject does
+            packed, st = quantize_nf4(w.to(self.weight.device), self.blocksize, self.double_quant,
+                                      self.nested_blocksize)
+            state_dict = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
+            state_dict[prefix + "weight"] = packed
+            for k in _STATE:
+                if getattr(st, k) is not None:
+                    state_dict[prefix + k] = getattr(st, k)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+
+class _NF4Adapted:
+    """AdaptedLayer overrides for an NF4 base (``layer.wrap`` puts this class first in the
+    wrapper's bases). ``weight`` stays the packed bytes; ``dense_weight()`` is the dense
+    view. An in-place merge keeps the bytes and adds ``merged_weight`` (compute dtype,
+    non-persistent buffer) that forward uses; unmerge drops it, so it is exact."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # AdaptedLayer.forward with the weight read as a buffer (it reads _parameters)
+        act = self._active
+        y = act[0].base_forward(x, self) if act and act[0].fuses_base else \
+            self.base_op(x, self._buffers["weight"], self._parameters["bias"])
+        for a in act:
+            y = a.apply(x, y, self)
+        return y
+
+    in_features = property(lambda self: self.__dict__["in_features"])
+    out_features = property(lambda self: self.__dict__["out_features"])
+
+    def from_2d(self, d: torch.Tensor) -> torch.Tensor:
+        return d.reshape(self.out_features, self.in_features)  # Linear: (out, in) already
+
+    def base_op(self, x, weight, bias):
+        if weight.is_floating_point():  # a dense weight from the caller (the dense reference)
+            return F.linear(x, weight, bias)
+        m = self._buffers.get("merged_weight")
+        if m is None:
+            return nf4_forward(self, x, bias)
+        cd = self.compute_dtype
+        return F.linear(x.to(cd), m.to(cd), None if bias is None else bias.to(cd)).to(x.dtype)
+
+    def dense_weight(self, extra=None) -> torch.Tensor:
+        m = self._buffers.get("merged_weight")
+        w = m.float() if m is not None else self.dequantize(torch.float32)
+        for n in extra or []:
+            w = self.adapters[n].merge_weight(self, w)
+        return w
+
+    def _set_merged(self, w: torch.Tensor | None) -> None:
+        if w is None:
+            self._buffers.pop("merged_weight", None)
+            self._non_persistent_buffers_set.discard("merged_weight")
+        else:
+            self.register_buffer("merged_weight", w, persistent=False)
+        torch.autograd.graph.increment_version(self.weight)  # DoRA's caches key on it
+
+    def merge(self, names, check: bool = True) -> None:
+        """Fold the named adapters into a dense weight, summed in fp32 on the dequantised W."""
+        todo = [n for n in names if not self.adapters[n].merged]
+        if not todo:
+            return
+        w = self.dense_weight()
+        for n in todo:
+            w = self.adapters[n].merge_weight(self, w)
+        if check and not torch.isfinite(w).all():
+            raise AdaptkitError(f"merge: adapters {todo} give a non-finite weight at this layer; "
+                                f"nothing was merged. Check the adapter weights for NaN/inf")
+        self._set_merged(w.to(self.compute_dtype))
+        for n in todo:
+            self.adapters[n].merged = True
+        self.set_active(self._active_names)
+
+    def unmerge(self) -> None:
+        """Exact: the packed bytes were never changed; the dense merged weight goes."""
+        done = [n for n, a in self.adapters.items() if a.merged]
+        for n in done:
+            self.adapters[n].merged = False
+        if done:
+            self._set_merged(None)
+            self.set_active(self._active_names)
+
+    def unwrap(self) -> nn.Module:
+        """The NF4Linear base; the dense nn.Linear while adapters are merged into it."""
+        if self._buffers.get("merged_weight") is not None:
+            return self._dense()
+        return AdaptedLayer.unwrap(self)
+
+    def unload(self, requantize: bool = False) -> nn.Module:
+        """``ak.merge``: a dense nn.Linear in the compute dtype, or, with ``requantize``, the
+        merged weight re-quantised (its ``requant_drift`` measured); an unmerged layer then
+        keeps its original bytes."""
+        m = self._buffers.get("merged_weight")
+        if not requantize:
+            return self._dense()
+        if m is None:
+            return AdaptedLayer.unwrap(self)
+        q = NF4Linear.from_weight(m, self._bias(self.compute_dtype), blocksize=self.blocksize,
+                                  double_quant=self.double_quant, compute_dtype=self.compute_dtype,
+                                  nested_blocksize=self.nested_blocksize).train(self.training)
+        q.requant_drift = requant_drift(m.float(), q.dequantize(torch.float32),
+                                        self.dequantize(torch.float32))
+        return q
+
+    def _bias(self, cd: torch.dtype) -> nn.Parameter | None:
+        """The bias in ``cd``: the same Parameter when it already is."""
+        b = self.bias
+        return b if b is None or b.dtype == cd else nn.Parameter(b.detach().to(cd), b.requires_grad)
+
+    def _dense(self) -> nn.Linear:
+        cd, m = self.compute_dtype, self._buffers.get("merged_weight")
+        lin = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+        lin.weight = nn.Parameter(self.dequantize(cd) if m is None else m, requires_grad=False)
+        lin.bias = self._bias(cd)
+        return lin.train(self.training)
+
+
+NF4Linear.adaptkit_layer_mixin = _NF4Adapted  # read by layer.wrap
+
+
+@torch.no_grad()
+def requant_drift(w: torch.Tensor, wq: torch.Tensor, w0: torch.Tensor) -> dict[str, float]:
+    """How re-quantising the merged weight ``w`` (out, in) to ``wq`` moves outputs, on 64
+    seeded N(0, 1) probe inputs X (64, in); ``w0`` is the dequantised base before the merge.
+
+    max_rel_output = max_i ||x_i (wq - w)^T|| / ||x_i w^T||   (per-input relative change)
+    vs_update      = ||X (wq - w)^T||_F / ||X (w - w0)^T||_F   (the error over the adapters'
+                     update: near or above 1 means re-quantisation undid the fine-tune)
+    """
+    g = torch.Generator(device=w.device).manual_seed(0)
+    x = torch.randn(64, w.shape[1], generator=g, device=w.device)
+    y = x @ w.t()  # (64, out)
+    err = x @ wq.t() - y
+    upd = (y - x @ w0.t()).norm()
+    rel = (err.norm(dim=1) / y.norm(dim=1).clamp_min(1e-30)).max()
+    return {"max_rel_output": float(rel),
+            "vs_update": float(err.norm() / upd) if upd > 0 else math.inf}
+
+
+class _BuildView:
+    """The layer as LoRA / DoRA adapters see it while they are built. They take their
+    parameters' dtype and device from ``layer.weight``, which here is packed uint8; this
+    view shows an empty float weight in the compute dtype and passes the rest through."""
+
+    def __init__(self, layer: AdaptedLayer):
+        self._layer = layer
+        self.weight = torch.empty(0, dtype=layer.compute_dtype, device=layer.weight.device)
+
+    def __getattr__(self, name):
+        return getattr(self._layer, name)
+
+
+@register_method
+@dataclass(frozen=True)
+class QLoRA(LoRA):
+    """QLoRA spec: the LoRA fields (``rank``, ``alpha``, ``dropout``, ``use_rslora``, ``init``
+    in {"default", "gaussian"}) plus the NF4 base's ``blocksize`` (64), ``double_quant``
+    (True), ``compute_dtype`` (None = the weight's dtype; "float32" | "bfloat16" |
+    "float16"), and ``use_dora`` (QDoRA). Adapts nn.Linear. Inject quantises each matched
+    float Linear (same bytes every time) or adopts an NF4 base from adaptkit.nf4.quantize /
+    adaptkit.nf4.load with the same settings."""
+
+    method = "qlora"
+    blocksize: int = 64
+    double_quant: bool = True
+    compute_dtype: str | None = None
+    use_dora: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        name = type(self).__name__
+        if self.init not in ("default", "gaussian"):
+            raise AdaptkitError(f"{name}: init={self.init!r} rewrites the base weight (W - s B A), "
+                                f"which is frozen NF4 here; use init='default' or 'gaussian'")
+        check_settings(name, self.blocksize, self.double_quant, self.compute_dtype)
+        if not isinstance(self.use_dora, bool):
+            raise AdaptkitError(f"{name}: use_dora must be a bool, got {self.use_dora!r}")
+
+    def supports(self, kind: str) -> bool:
+        return kind == "linear"
+
+    def settings(self) -> dict:
+        """Keyword arguments of NF4Linear.from_linear for this spec."""
+        return dict(blocksize=self.blocksize, double_quant=self.double_quant,
+                    compute_dtype=DTYPES.get(self.compute_dtype))
+
+    def prepare_base(self, module: nn.Module, path: str) -> nn.Module:
+        """An NF4 copy of a float nn.Linear; an NF4 base (wrapped or not) as it is."""
+        if isinstance(module, NF4Linear):
+            got = (module.blocksize, module.double_quant)
+            cd = DTYPES.get(self.compute_dtype)
+            if got != (self.blocksize, self.double_quant) or cd not in (None, module.compute_dtype):
+                raise AdaptkitError(
+                    f"QLoRA: '{path}' is already NF4 with blocksize={got[0]}, double_quant={got[1]}, "
+                    f"compute_dtype={DTYPE_NAMES[module.compute_dtype]!r}; the spec asks blocksize="
+                    f"{self.blocksize}, double_quant={self.double_quant}, compute_dtype="
+                    f"{self.compute_dtype!r}. Use the base's settings (compute_dtype=None keeps its own)")
+            return module
+        if isinstance(module, AdaptedLayer):
+            raise AdaptkitError(f"QLoRA: '{path}' already carries adapters {list(module.adapters)} on "
+                                f"a float weight, which quantising would change; inject QLoRA first, "
+                                f"or quantise with adaptkit.nf4.quantize before any adapter")
+        return NF4Linear.from_linear(module, **self.settings())
+
+    def build(self, layer: AdaptedLayer, path: str) -> LoRAAdapter:
+        r = self.rank_for(path)
+        check_rank(type(self).__name__, r, layer, path)
+        s = lora_scale(self.alpha_for(path), r, self.use_rslora)
+        cls = DoRAAdapter if self.use_dora else LoRAAdapter
+        return cls(_BuildView(layer), r, s, self.dropout, self.init)
