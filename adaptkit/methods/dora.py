@@ -277,6 +277,12 @@ class DoRAAdapter(LoRAAdapter):
         n = self.row_norm(layer)
         m = self.lora_magnitude
         cd = y.dim() - (layer.weight.dim() - 1) if layer.kind == "conv" else y.dim() - 1
+        ac = _autocast(y.device.type)
+        if ac and y.dtype != m.dtype:
+            # autocast: scale in the magnitude's precision, as PEFT does (its fp32 m promotes the
+            # output). Rescaling a bf16 output in bf16 rounds g and the output again and puts
+            # the token sums of dL/dm ~10x further from the fp32 gradient
+            y = y.to(torch.promote_types(y.dtype, m.dtype))
         if self.p and self.training:  # PEFT: W x~ recomputed on the dropped-out input
             xd = F.dropout(x, self.p, True).to(self.lora_A.dtype)
             wx = layer.base_op(xd, layer.weight, None)
@@ -291,7 +297,7 @@ class DoRAAdapter(LoRAAdapter):
             return g * t if b is None else torch.addcmul(b.view(g.shape) * (1 - g), g, t)
         first = layer._active[:1] == (self,)  # then y - b = W x: recomputable from x
         z = partial(self._z, layer) if first else None
-        if layer.kind != "conv" and y.dim() > 1 and y.dtype == A.dtype:
+        if layer.kind != "conv" and y.dim() > 1 and y.dtype == A.dtype and not ac:
             h = F.linear(x, A)  # (..., r)
             # t = y + s h B^T in one fused kernel on the flattened tokens: (T, out)
             t = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, self.rank), B.t(),

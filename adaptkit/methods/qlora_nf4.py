@@ -77,7 +77,8 @@ class _NF4LinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        gx = g @ ctx.deq() if ctx.needs_input_grad[0] else None  # (..., out) @ (out, in)
+        # (autocast ran the forward matmul in g's dtype; backward runs outside autocast)
+        gx = g @ ctx.deq().to(g.dtype) if ctx.needs_input_grad[0] else None  # (..., out) @ (out, in)
         gb = g.reshape(-1, g.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None  # (out,)
         return gx, gb, None
 

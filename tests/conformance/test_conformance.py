@@ -2,8 +2,11 @@
 
 Adapter weights are randomised after injection (a zero B makes merge tests vacuous),
 alpha != rank, and the bases reach every branch (grouped / dilated / padded convs,
-transposed weights, embeddings)."""
+transposed weights, embeddings).
+
+ADAPTKIT_TEST_DEVICE=cuda runs the whole suite on a GPU (default: cpu)."""
 import copy
+import os
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ from conformance.bases import BASES, Net
 from conformance.registry import CASES, TARGET
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DEVICE = torch.device(os.environ.get("ADAPTKIT_TEST_DEVICE", "cpu"))
 PARAMS = [(m, b, bias, dt) for m in CASES for b in BASES for bias in (True, False) for dt in DTYPES
           if BASES[b][0] in CASES[m][1] and not (b == "embedding" and bias)]
 
@@ -44,9 +48,9 @@ def _setup(method, base, bias, dt, randomise=True):
     make, _, tols = CASES[method][:3]
     kind, mk, mkx = BASES[base]
     torch.manual_seed(0)
-    net = Net(mk(bias)).to(DTYPES[dt])
+    net = Net(mk(bias)).to(DEVICE, DTYPES[dt])
     ref = copy.deepcopy(net)
-    x = mkx(DTYPES[dt])
+    x = mkx(DTYPES[dt]).to(DEVICE)
     ak.inject(net, make())
     layer = net.blocks[0]["proj"]
     if randomise:
@@ -152,7 +156,7 @@ def test_save_load_bit_exact(method, base, bias, dt, tmp_path):
 @pytest.mark.parametrize("method", list(CASES))
 def test_bias_modes_train_and_save_biases(method, tmp_path):
     make, kinds, _ = CASES[method][:3]
-    net = Net(torch.nn.Linear(24, 20))
+    net = Net(torch.nn.Linear(24, 20)).to(DEVICE)
     base_sd = copy.deepcopy(net.state_dict())  # the base checkpoint, before inject
     ak.inject(net, make(bias="adapter_only"))
     assert net.blocks[0]["proj"].bias.requires_grad
@@ -160,7 +164,7 @@ def test_bias_modes_train_and_save_biases(method, tmp_path):
     with torch.no_grad():
         net.blocks[0]["proj"].bias.add_(1.0)
     ak.save(net, tmp_path / "b.safetensors")
-    fresh = Net(torch.nn.Linear(24, 20))
-    fresh.load_state_dict(base_sd | {"blocks.0.proj.bias": torch.zeros(20)})
+    fresh = Net(torch.nn.Linear(24, 20)).to(DEVICE)
+    fresh.load_state_dict(base_sd | {"blocks.0.proj.bias": torch.zeros(20, device=DEVICE)})
     ak.load(fresh, tmp_path / "b.safetensors")
     assert torch.equal(fresh.blocks[0]["proj"].bias, net.blocks[0]["proj"].bias)

@@ -331,12 +331,39 @@ def test_stacked_after_lora_grads_equal_dense_reference():
 
 
 def test_autocast_bf16_trains():
-    """Under torch.autocast the base op keeps its own casting (no fused GEMM); grads flow."""
+    """Under torch.autocast the base op keeps its own casting (no fused GEMM); grads flow and
+    the output is rescaled in the magnitude's fp32, as PEFT's is."""
     net, layer, ad = _randomised(nn.Linear(16, 12))
     x = torch.randn(4, 16, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = net(x)
     y.float().sum().backward()
-    assert y.dtype == torch.bfloat16 and x.grad is not None and ad.lora_magnitude.grad is not None
+    assert y.dtype == torch.float32 and x.grad is not None and ad.lora_magnitude.grad is not None
     want = layer.base_op(x.detach(), layer.dense_weight(["default"]), layer.bias)
     torch.testing.assert_close(y.float(), want, atol=5e-2, rtol=5e-2)
+
+
+def test_autocast_gradients_as_close_to_fp32_as_peft():
+    """bf16 autocast moves every gradient (A, B, magnitude) from its fp32 value by no more
+    than it moves PEFT's on the same weights and inputs (both round the base output to bf16;
+    adaptkit must not add roundings of its own, e.g. of g = m / ||W + sBA||)."""
+    model, pm, x = _peft_pair("linear")
+    model.layers[0].bias.data.mul_(20)  # a large bias: cancellation in sum go (out - b)
+    pm.base_model.model.layers[0].bias.data.mul_(20)
+    ours = [p for n, p in model.named_parameters() if p.requires_grad]
+    theirs = [g for pl in pm.base_model.model.layers for g in (
+        pl.lora_A["default"].weight, pl.lora_B["default"].weight, pl.lora_magnitude_vector["default"].weight)]
+
+    def grads(net, params, autocast):
+        net.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = net(x)
+        (out.float() * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        return [p.grad.reshape(-1).clone() for p in params]
+
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    for n, a32, a16, p32, p16 in zip(names, grads(model, ours, False), grads(model, ours, True),
+                                     grads(pm, theirs, False), grads(pm, theirs, True)):
+        torch.testing.assert_close(a32, p32, atol=1e-5, rtol=1e-4)
+        # A and B: bf16 matmul grads in both, equally noisy; m: fp32 sums in both
+        assert (a16 - a32).norm() <= (1.5 if "magnitude" in n else 3) * (p16 - p32).norm() + 1e-7, n

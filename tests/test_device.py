@@ -1,0 +1,129 @@
+"""Device behaviour of every method: moving an adapted model with ``.to()``, training a step
+under autocast, and files that cross devices.
+
+Runs on the CPU in CI; ``ADAPTKIT_TEST_DEVICE=cuda pytest tests/test_device.py`` runs the
+same assertions on a GPU (the model is built on the CPU, moved, trained there, saved, and
+loaded back into a CPU model)."""
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import adaptkit as ak
+from adaptkit.nf4 import dequantize_nf4, quantize_nf4
+
+DEVICE = torch.device(os.environ.get("ADAPTKIT_TEST_DEVICE", "cpu"))
+T = r"\d\.(q|v)"
+SPECS = {
+    "lora": lambda: ak.LoRA(rank=4, alpha=6, targets=T),
+    "dora": lambda: ak.DoRA(rank=4, alpha=6, targets=T),
+    "qlora": lambda: ak.QLoRA(rank=4, alpha=6, targets=T, compute_dtype="float32"),
+    "qdora": lambda: ak.QLoRA(rank=4, alpha=6, targets=T, use_dora=True, compute_dtype="float32"),
+    "lokr": lambda: ak.LoKr(rank=4, alpha=6, targets=T),
+    "mora": lambda: ak.MoRA(rank=8, mora_type=6, targets=T),
+    "geolora": lambda: ak.GeoLoRA(rank=4, max_rank=8, targets=T),
+    "lorampo": lambda: ak.LoRAMPO(rank=2, alpha=6, targets=T),
+}
+
+
+class Block(nn.Module):
+    def __init__(self, d=32):
+        super().__init__()
+        self.q, self.v, self.o = nn.Linear(d, d), nn.Linear(d, d, bias=False), nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.o(torch.tanh(self.q(x)) * self.v(x))
+
+
+def make_model():
+    torch.manual_seed(0)
+    return nn.Sequential(Block(), Block(), nn.Linear(32, 3))
+
+
+def _randomise(model):
+    """Non-zero adapters, so moves, saves and merges carry something."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".adapters." in n:
+                p.copy_((torch.randn(p.shape, generator=g) * 0.1).to(p))
+
+
+@pytest.mark.parametrize("method", list(SPECS))
+def test_move_train_save_and_load_across_devices(method, tmp_path):
+    cpu = make_model()
+    ak.inject(cpu, SPECS[method]())
+    _randomise(cpu)
+    x = torch.randn(4, 5, 32)
+    cpu.eval()
+    want = cpu(x)
+
+    model = copy.deepcopy(cpu).to(DEVICE)  # every adapter tensor and quantisation buffer moves
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {DEVICE.type}
+    model.eval()
+    torch.testing.assert_close(model(x.to(DEVICE)).cpu(), want, atol=2e-4, rtol=2e-4)
+
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    loss = F.cross_entropy(model(x.to(DEVICE)).mean(1), torch.tensor([0, 1, 2, 0], device=DEVICE))
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.device.type == DEVICE.type and torch.isfinite(g).all()
+                         for g in grads)
+    opt.step()
+
+    f = tmp_path / "a.safetensors"
+    ak.save(model, f)  # written from the device, loaded into a fresh CPU model
+    fresh = make_model()
+    ak.load(fresh, f)
+    model.eval(), fresh.eval()
+    for k, v in fresh.state_dict().items():  # bit-exact, quantised bases included
+        assert torch.equal(v, model.state_dict()[k].cpu()), k
+    torch.testing.assert_close(fresh(x), model(x.to(DEVICE)).cpu(), atol=2e-4, rtol=2e-4)
+
+    merged = ak.merge(model)
+    assert not any(isinstance(m, ak.layer.AdaptedLayer) for m in merged.modules())
+    torch.testing.assert_close(merged(x.to(DEVICE)).cpu(), fresh(x), atol=5e-4, rtol=5e-4)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "qlora", "lokr"])
+def test_autocast_bf16_training_step(method):
+    """Mixed precision as users run it: fp32 adapter weights, bf16 matmuls under autocast;
+    gradients stay fp32 and close to the fp32 step's."""
+    model = make_model().to(DEVICE)
+    ak.inject(model, SPECS[method]())
+    _randomise(model)
+    x = torch.randn(4, 5, 32, device=DEVICE)
+    y = torch.tensor([0, 1, 2, 0], device=DEVICE)
+
+    def grads(autocast):
+        model.zero_grad()
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = F.cross_entropy(model(x).mean(1).float(), y)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ref, got = grads(False), grads(True)
+    assert set(got) == set(ref) and any(".adapters." in n for n in got)
+    for n, g in got.items():
+        assert g.dtype == torch.float32, n
+        assert torch.isfinite(g).all(), n
+        assert (g - ref[n]).norm() <= 0.05 * ref[n].norm() + 1e-6, n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nf4_bytes_do_not_depend_on_the_device(dtype):
+    """The packed bytes and state on DEVICE equal the CPU's (which equal bitsandbytes', see
+    tests/methods/test_nf4.py), so adapters trained on a GPU load onto a CPU base and back."""
+    w = torch.randn(96, 70, dtype=dtype)  # 70: rows cross block boundaries
+    p_cpu, s_cpu = quantize_nf4(w)
+    p_dev, s_dev = quantize_nf4(w.to(DEVICE))
+    assert torch.equal(p_dev.cpu(), p_cpu)
+    assert torch.equal(s_dev.absmax.cpu(), s_cpu.absmax)
+    assert torch.equal(s_dev.nested_absmax.cpu(), s_cpu.nested_absmax)
+    deq = dequantize_nf4(p_dev, s_dev, torch.float32)
+    assert deq.device.type == DEVICE.type
+    assert torch.equal(deq.cpu(), dequantize_nf4(p_cpu, s_cpu, torch.float32))
