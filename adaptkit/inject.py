@@ -269,7 +269,8 @@ class Summary:
 
 
 def summary(model: nn.Module) -> Summary:
-    """Trainable / total parameters, per adapter and per layer."""
+    """Trainable / total parameters, per adapter and per layer. A quantised (NF4) weight is
+    a buffer of packed bytes; it counts as its out x in parameters, as in the float model."""
     st = state(model)
     per_layer = []
     per_adapter = {n: {"method": s.method, "layers": 0, "params": 0, "active": n in st.active}
@@ -281,5 +282,7 @@ def summary(model: nn.Module) -> Summary:
             per_adapter[n]["layers"] += 1
             per_adapter[n]["params"] += k
     params = list(model.parameters())
+    packed = sum(m.out_features * m.in_features for m in model.modules()
+                 if isinstance(getattr(m, "weight", None), torch.Tensor) and not m.weight.is_floating_point())
     return Summary(sum(p.numel() for p in params if p.requires_grad),
-                   sum(p.numel() for p in params), per_adapter, per_layer)
+                   sum(p.numel() for p in params) + packed, per_adapter, per_layer)

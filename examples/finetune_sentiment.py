@@ -184,7 +184,7 @@ def main(argv=None) -> int:
     _, logits_merged = evaluate(merged, tok, te_x, te_y)
     merge_diff = (logits_merged - logits).abs().max().item()
     plain = all(not isinstance(m, ak.layer.AdaptedLayer) for m in merged.modules())
-    same_keys = kind == "qlora" or list(merged.state_dict()) == base_keys
+    same_keys = list(merged.state_dict()) == base_keys  # QLoRA too: a dense nn.Linear again
     print(f"loaded adapter vs trained model: max |logit diff| {load_diff:.2e}")
     print(f"merged plain model vs adapted model: max |logit diff| {merge_diff:.2e}; "
           f"plain modules: {plain}; original state-dict keys: {same_keys}")

@@ -187,6 +187,15 @@ def test_summary_counts():
     assert "trainable 96" in str(s)
 
 
+def test_summary_counts_quantised_weights_as_parameters():
+    m = LM()
+    total = sum(p.numel() for p in m.parameters())
+    ak.inject(m, ak.QLoRA(rank=2, targets=r".*q_proj"))  # q_proj weights become packed bytes
+    s = ak.summary(m)
+    assert s.trainable == 3 * 2 * (8 + 8)
+    assert s.total == total + s.trainable
+
+
 def test_combine_cat_is_exact_and_svd_truncates():
     torch.manual_seed(0)
     m = LM()
