@@ -258,6 +258,10 @@ class AdaptedLayer(nn.Module):
     def extra_repr(self) -> str:
         return f"{self._base_cls.__name__}: {self.__dict__['_base'].extra_repr()}"
 
+    def __reduce_ex__(self, protocol):
+        # torch.save(model) / pickle: rebuild the run-time wrapper class from the base class
+        return _unpickle, (self._base_cls, self.kind), self.__getstate__()
+
 
 _WRAPPERS: dict[type, type] = {}
 
@@ -269,7 +273,15 @@ def wrap(base: nn.Module) -> AdaptedLayer:
     kind = base_kind(base)
     if kind is None:
         raise AdaptkitError(f"cannot wrap {type(base).__name__}: not an adaptable base")
-    cls = type(base)
+    layer = _unpickle(type(base), kind)
+    layer._adopt(base)
+    return layer
+
+
+def _unpickle(cls: type, kind: str) -> AdaptedLayer:
+    """An empty instance of the wrapper class of ``cls`` (made once per base class). Also
+    what pickle calls (``AdaptedLayer.__reduce_ex__``): the wrapper classes are made at run
+    time, so pickle cannot find them by name, but it can find the base class."""
     if cls not in _WRAPPERS:
         # a quantised base (NF4) names the AdaptedLayer overrides its packed weight needs
         mixin = getattr(cls, "adaptkit_layer_mixin", None)
@@ -279,9 +291,7 @@ def wrap(base: nn.Module) -> AdaptedLayer:
                                "forward": getattr(mixin, "forward", AdaptedLayer.forward),
                                "extra_repr": AdaptedLayer.extra_repr,
                                "__module__": __name__})
-    layer = _WRAPPERS[cls].__new__(_WRAPPERS[cls])
-    layer._adopt(base)
-    return layer
+    return _WRAPPERS[cls].__new__(_WRAPPERS[cls])
 
 
 def weight_shape(m: nn.Module) -> list[int]:

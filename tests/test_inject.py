@@ -225,3 +225,24 @@ def test_combine_refuses_what_it_cannot_do_exactly():
         ak.combine(m, {"zz": 1.0})
     with pytest.raises(ak.AdaptkitError, match="method='ties'"):
         ak.combine(m, {"b": 1.0}, method="ties")
+
+
+@pytest.mark.parametrize("spec", [ak.LoRA(rank=2, alpha=3, targets=r".*_proj"),
+                                  ak.DoRA(rank=2, targets=r".*q_proj"),
+                                  ak.QLoRA(rank=2, use_dora=True, targets=r".*v_proj")])
+def test_torch_save_of_a_whole_injected_model(spec, tmp_path, monkeypatch):
+    """torch.save(model) pickles the run-time wrapper classes through their base class, so a
+    fresh process (here: an emptied class cache) unpickles them."""
+    torch.manual_seed(0)
+    m = LM()
+    ak.inject(m, spec)
+    randomise(m, "default")
+    torch.save(m, tmp_path / "m.pt")
+    monkeypatch.setattr(ak.layer, "_WRAPPERS", {})
+    m2 = torch.load(tmp_path / "m.pt", weights_only=False)
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(m2(x), m(x), rtol=0, atol=0)
+    with ak.disabled(m2), ak.disabled(m):
+        torch.testing.assert_close(m2(x), m(x), rtol=0, atol=0)
+    ak.save(m2, tmp_path / "a.safetensors")  # the adaptkit state came along
+    assert isinstance(ak.merge(m2), LM)
