@@ -37,11 +37,14 @@ Conv1D (transposed view). ``ReMoRA`` merges M into W every ``merge_every`` steps
 M, cycles the type {1→2→1} (cycle=2) or {1→2→3→4→1} (cycle=4) and resets the adapter's
 optimizer state (reference ``train.py::ResetReloraCallback``); the LR warmup restart of the
 reference is left to the user's scheduler.
+
+Files: this one holds the math, the ``MoRA`` spec and its adapter; ``mora_linear.py`` the
+drop-in ``MoRALinear`` and ``apply_mora_linear``; ``mora_remora.py`` ReMoRA. Their public
+names are re-exported here lazily (``from adaptkit.methods.mora import ReMoRA`` works).
 """
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import torch
@@ -49,13 +52,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import AdaptkitError
-from ..layer import Adapter, AdaptedLayer, adapted_layers, tracing
+from ..layer import Adapter, AdaptedLayer, tracing
 from ..spec import AdapterSpec, register_method
 
 MORA_TYPES = (1, 2, 3, 4, 6, "truncate", "decouple")
 CHUNKED = (6, "decouple")
-CYCLES = {1: {}, 2: {1: 2, 2: 1}, 4: {1: 2, 2: 3, 3: 4, 4: 1}}  # ReMoRA type maps
-RESETS = ("adapter", "all", "none")
 
 
 def r_hat_for(in_features: int, out_features: int, rank: int, mora_type=1) -> int:
@@ -270,246 +271,19 @@ class MoRAAdapter(_MoRAState, Adapter):
         self.mora_type = t
 
 
-class MoRALinear(nn.Linear, _MoRAState):
-    """``nn.Linear`` drop-in with a MoRA update: ``y = x Wᵀ + b + D(M·C(drop(x)))``.
-
-    State-dict keys: ``weight``, ``bias`` (as nn.Linear) and ``mora_M`` (r̂, r̂); a plain
-    nn.Linear checkpoint (no ``mora_M``) loads with ``strict=True`` and leaves M as it is.
-    ``freeze_base`` (default) freezes weight and bias so only M trains. ``merge()`` /
-    ``unmerge()`` fold the update into W in place; ``to_linear()`` returns the plain
-    nn.Linear (same Parameter objects, requires_grad as before MoRA) and ``ak.merge(model)``
-    does that for every MoRALinear. ``ak.inject`` never wraps a MoRALinear.
-    """
-
-    adaptkit_drop_in = True  # the hook merge.py and layer.base_kind look for
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, rank: int = 8,
-                 mora_type=6, r_hat: int | None = None, dropout: float = 0.0,
-                 merge_every: int | None = None, freeze_base: bool = True, device=None, dtype=None):
-        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self._setup({k: True for k in self._parameters}, rank, mora_type, r_hat, dropout,
-                    merge_every, freeze_base)
-
-    def _setup(self, base_grad, rank, mora_type, r_hat, dropout, merge_every, freeze_base):
-        MoRA(rank=rank, r_hat=r_hat, mora_type=mora_type, dropout=dropout, merge_every=merge_every)
-        w = self.weight
-        self.r_hat = r_hat or r_hat_for(self.in_features, self.out_features, rank, mora_type)
-        self.mora_type, self.p, self.merge_every = mora_type, float(dropout), merge_every
-        self.merged, self._tables, self._base_grad = False, {}, base_grad  # flags to restore
-        self.mora_M = nn.Parameter(torch.zeros(self.r_hat, self.r_hat, device=w.device,
-                                               dtype=w.dtype))
-        for p in (w, self.bias) if freeze_base else ():
-            if p is not None:
-                p.requires_grad_(False)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, *, rank: int = 8, mora_type=6, r_hat: int | None = None,
-                    dropout: float = 0.0, merge_every: int | None = None,
-                    freeze_base: bool = True) -> "MoRALinear":
-        """Wrap ``linear``: its weight / bias Parameters are reused (no copy, no re-init)."""
-        if not isinstance(linear, nn.Linear):
-            raise AdaptkitError(f"MoRALinear.from_linear: expected an nn.Linear, got "
-                                f"{type(linear).__name__}")
-        m = cls.__new__(cls)
-        nn.Module.__init__(m)
-        m.in_features, m.out_features = linear.in_features, linear.out_features
-        m.register_parameter("weight", linear.weight)
-        m.register_parameter("bias", linear.bias)
-        grads = {k: p.requires_grad for k, p in linear._parameters.items() if p is not None}
-        m._setup(grads, rank, mora_type, r_hat, dropout, merge_every, freeze_base)
-        return m.train(linear.training)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
-        return y if self.merged else y + self.update(x).to(y.dtype)
-
-    def delta_weight(self) -> torch.Tensor:
-        """ΔW (out, in) in fp32 (fp64 for a fp64 layer)."""
-        return self.dense_delta(torch.promote_types(self.weight.dtype, torch.float32))
-
-    def dense_weight(self) -> torch.Tensor:
-        """W + ΔW (W alone once merged), accumulated in fp32 or wider."""
-        w = self.weight.detach()
-        w = w.to(torch.promote_types(w.dtype, torch.float32))
-        return w if self.merged else w + self.delta_weight()
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            return
-        w = self.dense_weight()
-        if not torch.isfinite(w).all():
-            raise AdaptkitError("MoRALinear.merge: W + ΔW is not finite; nothing was merged. "
-                                "Check mora_M for NaN/inf")
-        self.weight.copy_(w)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            d = self.delta_weight()
-            self.weight.copy_(self.weight.to(d.dtype) - d)
-            self.merged = False
-
-    def to_linear(self) -> nn.Linear:
-        """Merge and return a plain nn.Linear holding this module's weight / bias."""
-        self.merge()
-        lin = nn.Linear.__new__(nn.Linear)  # no init: the parameters are this module's
-        nn.Module.__init__(lin)
-        lin.in_features, lin.out_features = self.in_features, self.out_features
-        for k in ("weight", "bias"):
-            p = self._parameters[k]
-            if p is not None:
-                p.requires_grad_(self._base_grad.get(k, True))
-            lin.register_parameter(k, p)
-        return lin.train(self.training)
-
-    def adaptkit_merge(self, unload: bool) -> nn.Module:
-        """ak.merge hook: the plain nn.Linear (unload) or self, merged in place."""
-        if unload:
-            return self.to_linear()
-        self.merge()
-        return self
-
-    def _load_from_state_dict(self, sd, prefix, *args):
-        super()._load_from_state_dict(sd, prefix, *args)
-        missing = args[2]  # a plain nn.Linear checkpoint has no mora_M: keep M, no error
-        if prefix + "mora_M" not in sd and prefix + "mora_M" in missing:
-            missing.remove(prefix + "mora_M")
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, r_hat={self.r_hat}, mora_type={self.mora_type!r}"
+# ---- lazy re-exports: the split modules import this one, so an eager import here would be
+# circular (importing mora_linear first would find MoRALinear undefined); PEP 562 instead.
+_MOVED = {"MoRALinear": "mora_linear", "apply_mora_linear": "mora_linear",
+          **{k: "mora_remora" for k in ("ReMoRA", "CYCLES", "RESETS", "mora_modules",
+                                        "merge_and_reset_mora_linear", "update_model_mora_linear")}}
 
 
-# ---- ReMoRA ------------------------------------------------------------------------------
-def mora_modules(model: nn.Module, names=None) -> list[tuple[str, AdaptedLayer | None, nn.Module]]:
-    """(path, wrapper or None, MoRA module) of every MoRALinear and every MoRA adapter of
-    ``names`` (default: the active adapters) in ``model``."""
-    out = [(p, None, m) for p, m in model.named_modules() if isinstance(m, MoRALinear)]
-    for p, layer in adapted_layers(model):
-        for n in (layer._active_names if names is None else names):
-            a = layer.adapters[n] if n in layer.adapters else None
-            if isinstance(a, MoRAAdapter):
-                out.append((f"{p}[{n}]", layer, a))
-    return out
+def __getattr__(name: str):
+    if name in _MOVED:
+        import importlib
+        return getattr(importlib.import_module(f".{_MOVED[name]}", __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-@torch.no_grad()
-def merge_and_reset_mora_linear(model: nn.Module, cycle: int = 1, optimizer=None,
-                                reset_optimizer: str = "adapter", names=None) -> list[str]:
-    """One ReMoRA step on every MoRA module: W += ΔW (fp32, cast back to W's dtype; an
-    already-merged adapter just keeps its update), M = 0, type ← CYCLES[cycle][type], and
-    the optimizer state of M ("adapter") or all state ("all") dropped. Returns the paths."""
-    mods = _targets(model, cycle, reset_optimizer, names)
-    bad = [p for p, _, m in mods if not torch.isfinite(m.mora_M).all()]
-    if bad:
-        raise AdaptkitError(f"ReMoRA: non-finite mora_M at {bad}; nothing was merged")
-    for p, layer, m in mods:
-        if layer is None:
-            m.merge()
-            m.merged = False  # the base keeps the update; M restarts from 0
-        elif m.merged:
-            m.merged = False
-            layer.set_active(layer._active_names)
-        else:
-            layer.weight.copy_(m.merge_weight(layer, layer.weight.float()))
-        m.reset(CYCLES[cycle].get(m.mora_type))
-        if optimizer is not None and reset_optimizer == "adapter":
-            optimizer.state.pop(m.mora_M, None)
-    if optimizer is not None and reset_optimizer == "all":
-        optimizer.state.clear()
-    return [p for p, _, _ in mods]
-
-
-def _targets(model, cycle, reset_optimizer, names):
-    if cycle not in CYCLES:
-        raise AdaptkitError(f"ReMoRA: cycle={cycle!r} is not one of {sorted(CYCLES)} (1: keep the "
-                            f"type, 2: 1<->2, 4: 1->2->3->4->1)")
-    if reset_optimizer not in RESETS:
-        raise AdaptkitError(f"ReMoRA: reset_optimizer={reset_optimizer!r} is not one of {RESETS}")
-    mods = mora_modules(model, names)
-    if not mods:
-        raise AdaptkitError("ReMoRA: the model has no MoRALinear and no active MoRA adapter; "
-                            "use ak.inject(model, ak.MoRA(...)) or apply_mora_linear(model) first")
-    off = [f"{p} (type {m.mora_type!r})" for p, _, m in mods
-           if cycle != 1 and m.mora_type not in CYCLES[cycle]]
-    if off:
-        raise AdaptkitError(f"ReMoRA: cycle={cycle} maps types {sorted(CYCLES[cycle])} only, but "
-                            f"{off[:4]} use another type; use cycle=1 (keep the type)")
-    return mods
-
-
-def update_model_mora_linear(model: nn.Module, optimizer, step: int, merge_every: int,
-                             cycle: int = 2, reset_optimizer: str = "adapter") -> bool:
-    """Stateless ReMoRA: merge-and-reset when ``step`` (> 0) is a multiple of ``merge_every``."""
-    if step > 0 and step % merge_every == 0:
-        merge_and_reset_mora_linear(model, cycle, optimizer, reset_optimizer)
-        return True
-    return False
-
-
-class ReMoRA:
-    """Periodic merge-and-reset, called once per optimizer step::
-
-        remora = ReMoRA(model, opt, merge_every=2000, cycle=2)
-        for batch in data: loss(model, batch).backward(); opt.step(); opt.zero_grad(); remora.step()
-
-    ``merge_every`` defaults to the MoRA spec's (or the MoRALinear's) ``merge_every``.
-    ``state_dict()`` / ``load_state_dict()`` keep the step count and current types so a
-    resumed run interprets the saved M with the right type."""
-
-    def __init__(self, model: nn.Module, optimizer=None, merge_every: int | None = None,
-                 cycle: int = 2, reset_optimizer: str = "adapter", names=None):
-        self.model, self.optimizer, self.cycle, self.names = model, optimizer, cycle, names
-        self.reset_optimizer, self.steps = reset_optimizer, 0
-        mods = _targets(model, cycle, reset_optimizer, names)
-        if merge_every is None:
-            specs = getattr(model.__dict__.get("_adaptkit"), "specs", {})
-            found = {s.merge_every for s in specs.values() if isinstance(s, MoRA)}
-            found |= {m.merge_every for _, l, m in mods if l is None}
-            found.discard(None)
-            merge_every = found.pop() if len(found) == 1 else merge_every
-        if isinstance(merge_every, bool) or not isinstance(merge_every, int) or merge_every < 1:
-            raise AdaptkitError(f"ReMoRA: merge_every={merge_every!r} must be a positive int (the "
-                                f"specs give none or several); pass e.g. merge_every=2000")
-        self.merge_every = merge_every
-
-    def step(self) -> bool:
-        """Count one step; merge-and-reset every ``merge_every`` steps (returns True then)."""
-        self.steps += 1
-        return update_model_mora_linear(self.model, self.optimizer, self.steps, self.merge_every,
-                                        self.cycle, self.reset_optimizer)
-
-    def state_dict(self) -> dict:
-        return {"steps": self.steps,
-                "types": {p: m.mora_type for p, _, m in mora_modules(self.model, self.names)}}
-
-    def load_state_dict(self, sd: dict) -> None:
-        mods = {p: m for p, _, m in mora_modules(self.model, self.names)}
-        if set(sd.get("types", {})) != set(mods):
-            raise AdaptkitError(f"ReMoRA.load_state_dict: paths {sorted(sd.get('types', {}))} do "
-                                f"not match the model's MoRA modules {sorted(mods)}")
-        for p, t in sd["types"].items():
-            check_type("ReMoRA", t, mods[p].r_hat, f" at '{p}'")
-            mods[p].mora_type = t
-        self.steps = int(sd["steps"])
-
-
-def apply_mora_linear(model: nn.Module, targets=None, exclude=None, **kw) -> list[str]:
-    """Swap every plain ``nn.Linear`` of ``model`` whose path fullmatches ``targets`` (regex
-    or list; default all) and not ``exclude`` for ``MoRALinear.from_linear(m, **kw)``.
-    Subclasses of nn.Linear are left alone (e.g. MultiheadAttention's out_proj, whose owner
-    reads its weight directly, would silently lose the update). Returns the paths."""
-    def hit(pats, p):
-        pats = [pats] if isinstance(pats, str) else pats
-        return any(re.fullmatch(q, p) for q in pats)
-    paths = [p for p, m in model.named_modules() if p and type(m) is nn.Linear
-             and (targets is None or hit(targets, p)) and not (exclude and hit(exclude, p))]
-    if not paths:
-        raise AdaptkitError(f"apply_mora_linear: no nn.Linear matches targets={targets!r} "
-                            f"exclude={exclude!r} (the root module cannot be swapped in place; "
-                            f"use MoRALinear.from_linear for it)")
-    new = {p: MoRALinear.from_linear(model.get_submodule(p), **kw) for p in paths}
-    for p, m in new.items():
-        model.set_submodule(p, m)
-    return paths
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_MOVED))
