@@ -1,18 +1,24 @@
-"""Shared helpers of the benchmarks: arguments, threads, interleaved timing, CPU peak memory,
-method rows (adaptkit spec + PEFT config per method name), tables and JSON.
+"""Shared helpers of the benchmarks: arguments, threads, device, interleaved timing, peak
+memory, method rows (adaptkit spec + PEFT config per method name), variants and timed modes,
+tables, environment and JSON.
 
 Timing: every variant (frozen base, adaptkit, PEFT) gets its own model and closure; after a
 warmup, rounds call every closure once, in an order rotated each round, so machine noise and
-cache / allocator state hit all variants alike. The reported figure is the median.
+cache / allocator state hit all variants alike. The reported figure is the median. On CUDA
+every clock read waits for the queued kernels first (``torch.cuda.synchronize``), so a sample
+is the GPU time of the call, not its launch time.
 
-Peak memory on CPU: the profiler's allocator records (``profile_memory=True``) give every
+Peak memory, CPU: the profiler's allocator records (``profile_memory=True``) give every
 allocation and free during one call; the running sum's maximum is the call's dynamic peak.
-The reported peak adds what is resident before the call (parameters, buffers, optimizer
-state, inputs), so it is the step's high-water mark of live tensor bytes.
+CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus what was
+allocated before the call. Where a benchmark reports a step's peak, it adds what is resident
+before the call (parameters, buffers, optimizer state, inputs), so the figure is the step's
+high-water mark of live tensor bytes on either device.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import importlib.util
 import json
@@ -35,24 +41,81 @@ import adaptkit as ak  # noqa: E402
 from adaptkit.layer import adapted_layers  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DEVICES = ("cpu", "cuda")
 MiB = 2 ** 20
 
 
-# ---- arguments, threads, optional oracle --------------------------------------------------
-def parser(description: str) -> argparse.ArgumentParser:
+# ---- arguments, threads, device, optional oracle ---------------------------------------------
+def base_parser(description: str, *, quick_help: str = "few repeats, smaller shapes: a smoke run",
+                json_default: str = "runs/<bench>[_quick].json") -> argparse.ArgumentParser:
+    """The options every benchmark has: --quick, --threads, --json."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--quick", action="store_true", help="few repeats, smaller shapes: a smoke run")
+    p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    p.add_argument("--json", default=None, help="output JSON path (default runs/<bench>_<dtype>.json)")
-    p.add_argument("--methods", default="all",
-                   help="comma-separated method rows to run (default: every available one)")
-    p.add_argument("--no-peft", action="store_true", help="skip PEFT even when it is installed")
-    p.add_argument("--modes", default="fwd,bwd,train",
-                   help="comma-separated timed modes among fwd, bwd, train (default: all three)")
+    p.add_argument("--json", default=None, help=f"output JSON path (default {json_default})")
+    return p
+
+
+def add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="where models and inputs live (default cpu); cuda: timings synchronise the "
+                        "GPU, peak memory is torch.cuda.max_memory_allocated, env names the GPU")
+
+
+def add_rounds(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=None, help="override the warmup rounds")
     p.add_argument("--repeats", type=int, default=None, help="override the timed rounds")
+
+
+def add_no_peft(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-peft", action="store_true", help="skip PEFT even when it is installed")
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """The options of the adaptkit-vs-PEFT benchmarks (bench_layers, bench_model)."""
+    p = base_parser(description, json_default="runs/<bench>_<dtype>[_quick].json")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--methods", default="all",
+                   help="comma-separated method rows to run (default: every available one)")
+    add_no_peft(p)
+    p.add_argument("--modes", default="fwd,bwd,train",
+                   help="comma-separated timed modes among fwd, bwd, train (default: all three)")
+    add_rounds(p)
+    add_device(p)
     return p
+
+
+@dataclass
+class Setup:
+    """What the options of :func:`parser` come to once applied."""
+
+    dtype: torch.dtype
+    peft: Any  # the peft module, or None
+    methods: list[MethodRow]
+    modes: list[str]
+    warmup: int
+    repeats: int
+
+
+def setup(args, quick_rounds: tuple[int, int], full_rounds: tuple[int, int]) -> Setup:
+    """Apply :func:`parser`'s options: threads, device check, dtype, PEFT, method rows, modes,
+    and (warmup, repeats) rounds (``--warmup`` / ``--repeats``, else the quick or full ones)."""
+    start(args)
+    peft = load_peft(args.no_peft)
+    return Setup(DTYPES[args.dtype], peft, pick_methods(method_rows(peft), args.methods),
+                 pick_modes(args.modes), *rounds(args, quick_rounds, full_rounds))
+
+
+def start(args) -> None:
+    """Threads, and a clear stop where ``--device cuda`` cannot run."""
+    set_threads(args.threads)
+    check_device(getattr(args, "device", "cpu"))
+
+
+def rounds(args, quick: tuple[int, int], full: tuple[int, int]) -> tuple[int, int]:
+    """(warmup, repeats): ``--warmup`` / ``--repeats`` where given, else the quick or full defaults."""
+    warmup, repeats = quick if args.quick else full
+    return (warmup if args.warmup is None else args.warmup, repeats if args.repeats is None else args.repeats)
 
 
 def set_threads(n: int) -> None:
@@ -61,6 +124,17 @@ def set_threads(n: int) -> None:
         torch.set_num_interop_threads(n)
     except RuntimeError:
         pass
+
+
+def is_cuda(device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def check_device(device: str) -> None:
+    """Stop with a clear message where --device cuda cannot run."""
+    if is_cuda(device) and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: torch.cuda.is_available() is False (torch {torch.__version__}, "
+                         f"CUDA build {torch.version.cuda}); run with --device cpu or on a CUDA machine")
 
 
 def load_peft(disabled: bool = False):
@@ -76,6 +150,18 @@ def load_peft(disabled: bool = False):
         print(f"peft is installed but failed to import ({type(e).__name__}: {e}); PEFT skipped")
         return None
     return peft
+
+
+class Holder(nn.Module):
+    """A root module holding the benchmarked layer at path ``proj`` (PEFT and adaptkit both
+    need a model around the layer to target it by name)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.proj = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
 
 
 # ---- method rows ---------------------------------------------------------------------------
@@ -95,14 +181,23 @@ class MethodRow:
     sync: Callable[[nn.Module, nn.Module], None] | None = None
 
 
-def sync_lora(ak_model: nn.Module, peft_root: nn.Module, name: str = "default") -> None:
-    """Copy adaptkit LoRA A/B into PEFT's ``lora_A/lora_B`` Linear layers at the same paths
-    (Linear bases: adaptkit A (r, in) == PEFT lora_A.weight (r, in), B (out, r) likewise)."""
+def sync_adapters(ak_model: nn.Module, peft_root: nn.Module, name: str = "default") -> None:
+    """Copy every adaptkit adapter parameter into PEFT's at the same module path. adaptkit
+    names its parameters after PEFT's: ``lora_A`` / ``lora_B`` -> ``lora_A[name].weight``
+    (Linear, same (r, in) / (out, r) shapes), ``lora_magnitude`` -> the DoRA
+    ``lora_magnitude_vector[name].weight`` ((out,) either way), ``lokr_*`` -> the LoKr
+    ParameterDict entries; ``reshape`` covers a factor stored flat on one side."""
     with torch.no_grad():
         for path, layer in adapted_layers(ak_model):
-            ad, pl = layer.adapters[name], peft_root.get_submodule(path)
-            pl.lora_A[name].weight.copy_(ad.lora_A)
-            pl.lora_B[name].weight.copy_(ad.lora_B)
+            pl = peft_root.get_submodule(path)
+            for pname, p in layer.adapters[name].named_parameters():
+                if pname == "lora_magnitude":
+                    q = pl.lora_magnitude_vector[name].weight
+                elif pname.startswith("lora_"):
+                    q = getattr(pl, pname)[name].weight
+                else:
+                    q = getattr(pl, pname)[name]
+                q.copy_(p.reshape(q.shape))
 
 
 def method_rows(peft) -> dict[str, MethodRow]:
@@ -116,14 +211,14 @@ def method_rows(peft) -> dict[str, MethodRow]:
 
     add("lora", lambda t, r: ak.LoRA(rank=r, alpha=2 * r, targets=t),
         lambda t, r: peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=t),
-        sync_lora)
+        sync_adapters)
     if hasattr(ak, "DoRA"):
         add("dora", lambda t, r: ak.DoRA(rank=r, alpha=2 * r, targets=t),
             lambda t, r: peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
-                                         target_modules=t, use_dora=True))
+                                         target_modules=t, use_dora=True), sync_adapters)
     if hasattr(ak, "LoKr"):
         add("lokr", lambda t, r: ak.LoKr(rank=r, alpha=2 * r, targets=t),
-            lambda t, r: peft.LoKrConfig(r=r, alpha=2 * r, target_modules=t))
+            lambda t, r: peft.LoKrConfig(r=r, alpha=2 * r, target_modules=t), sync_adapters)
     if hasattr(ak, "MoRA"):
         add("mora", lambda t, r: ak.MoRA(rank=r, targets=t))
     if hasattr(ak, "LoRAMPO"):
@@ -154,13 +249,14 @@ def nontrivial(model: nn.Module, std: float = 0.02, seed: int = 1) -> None:
     """Make every adapter change the output, so merge / equality checks test something:
     zero-initialised parameters (LoRA's B, ...) get N(0, std) noise and the others a 10%
     multiplicative jitter (residual inits such as PiSSA / LoRA-MPO start with a non-zero
-    delta already folded out of W, so only moving their factors changes the output)."""
+    delta already folded out of W, so only moving their factors changes the output).
+    The noise is drawn on the CPU (same values on every device) and moved to the parameter."""
     g = torch.Generator().manual_seed(seed)
     for _, layer in adapted_layers(model):
         for p in layer.adapters.parameters():
             if not p.is_floating_point():
                 continue
-            noise = torch.randn(p.shape, generator=g).to(p.dtype)
+            noise = torch.randn(p.shape, generator=g).to(device=p.device, dtype=p.dtype)
             if not p.any():
                 p.copy_(noise * std)
             else:
@@ -171,13 +267,46 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def build_variants(base: nn.Module, targets, rank: int, methods: list[MethodRow], peft,
+                   device: str = "cpu") -> tuple[dict[str, nn.Module], list[str]]:
+    """name -> model on ``device``: ``base`` (frozen), and per method row ``<m>/adaptkit`` and,
+    where PEFT has the method, ``<m>/peft``, each on its own deep copy of the base weights.
+    Adapters are made non-trivial (:func:`nontrivial`) and, where the row has a ``sync``, PEFT
+    gets the same adapter weights; the second value lists those methods (their two variants
+    compute the same function). PEFT keeps its own defaults (``get_peft_model``)."""
+    base = base.to(device).requires_grad_(False)
+    variants: dict[str, nn.Module] = {"base": base}
+    synced: list[str] = []
+    for row in methods:
+        am = copy.deepcopy(base)
+        ak.inject(am, row.ak_spec(targets, rank))
+        am.to(device)  # adapters are built on the base's device already; this makes it certain
+        nontrivial(am)
+        variants[f"{row.name}/adaptkit"] = am
+        if row.peft_config is not None:
+            pm = peft.get_peft_model(copy.deepcopy(base), row.peft_config(targets, rank)).to(device)
+            if row.sync is not None:
+                row.sync(am, pm.base_model.model)
+                synced.append(row.name)
+            variants[f"{row.name}/peft"] = pm
+    return variants, synced
+
+
 # ---- timing ----------------------------------------------------------------------------------
-def timed(fn: Callable[[], Any]) -> Callable[[], float]:
+def now(device="cpu") -> float:
+    """``time.perf_counter()`` once the device is idle: CUDA kernels run asynchronously, so the
+    clock is read only after ``torch.cuda.synchronize()``."""
+    if is_cuda(device):
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def timed(fn: Callable[[], Any], device="cpu") -> Callable[[], float]:
     """Wrap ``fn`` into a closure returning the seconds the whole call took."""
     def run() -> float:
-        t = time.perf_counter()
+        t = now(device)
         fn()
-        return time.perf_counter() - t
+        return now(device) - t
     return run
 
 
@@ -209,6 +338,79 @@ def stats_ms(samples: list[float]) -> dict[str, Any]:
     return {"median_ms": statistics.median(ms), "min_ms": min(ms), "samples_ms": ms}
 
 
+def median_ms(cases: dict[str, Callable[[], float]], warmup: int, repeats: int) -> dict[str, float]:
+    """:func:`interleaved`, reduced to name -> median milliseconds."""
+    return {n: statistics.median(s) * 1e3 for n, s in interleaved(cases, warmup, repeats).items()}
+
+
+def mode_cases(variants: dict[str, nn.Module], forward: Callable[[nn.Module], torch.Tensor],
+               backward: Callable[[torch.Tensor], None], device="cpu",
+               reset: Callable[[], None] = lambda: None):
+    """The timed modes of every variant, plus its AdamW optimiser and its train step.
+
+    ``forward(model)`` runs the model and returns what ``backward(out)`` differentiates;
+    ``reset()`` clears state outside the model before a bwd / train sample (an input's grad).
+      fwd    ``forward`` under ``torch.no_grad()``
+      bwd    ``backward`` alone (the forward runs untimed before it)
+      train  zero_grad + forward + backward + AdamW step on the trainable parameters (a frozen
+             base has none, so its step is forward + backward)
+    Returns (mode -> name -> closure returning its seconds, name -> optimiser or None,
+    name -> untimed train step)."""
+    opts = {n: (torch.optim.AdamW(trainable(m), lr=1e-4) if trainable(m) else None)
+            for n, m in variants.items()}
+
+    def fwd(m):
+        def run():
+            with torch.no_grad():
+                forward(m)
+        return timed(run, device)
+
+    def bwd(m):
+        def run():
+            reset()
+            m.zero_grad(set_to_none=True)
+            out = forward(m)
+            t = now(device)
+            backward(out)
+            return now(device) - t
+        return run
+
+    def train_step(m, opt):
+        def step():
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+            out = forward(m)  # alive until the step ends, as in a plain training loop
+            backward(out)
+            if opt is not None:
+                opt.step()
+        return step
+
+    def train(step):
+        clock = timed(step, device)
+
+        def run():
+            reset()  # outside the sample: not the step's business
+            return clock()
+        return run
+
+    steps = {n: train_step(m, opts[n]) for n, m in variants.items()}
+    modes = {"fwd": {n: fwd(m) for n, m in variants.items()},
+             "bwd": {n: bwd(m) for n, m in variants.items()},
+             "train": {n: train(s) for n, s in steps.items()}}
+    return modes, opts, steps
+
+
+def time_modes(modes: dict[str, dict[str, Callable[[], float]]], run_modes: list[str],
+               warmup: int, repeats: int) -> dict[str, dict]:
+    """name -> {mode: stats_ms} over the modes in ``run_modes`` (one interleaved run a mode)."""
+    res: dict[str, dict] = {n: {} for n in next(iter(modes.values()))}
+    for mode, cases in modes.items():
+        if mode in run_modes:
+            for n, s in interleaved(cases, warmup, repeats).items():
+                res[n][mode] = stats_ms(s)
+    return res
+
+
 # ---- memory ------------------------------------------------------------------------------------
 def tensor_bytes(*groups) -> int:
     """Bytes of distinct storages among the given tensors / modules / optimizers."""
@@ -238,12 +440,21 @@ def tensor_bytes(*groups) -> int:
     return total
 
 
-def dynamic_peak_bytes(fn: Callable[[], Any]) -> int:
-    """Peak of (bytes allocated - bytes freed) during one call of ``fn``, from the profiler's
-    CPU allocator records; what stays allocated after the call counts too."""
+def dynamic_peak_bytes(fn: Callable[[], Any], device="cpu") -> int:
+    """Peak of (bytes allocated - bytes freed) during one call of ``fn``; what stays allocated
+    after the call counts too. CPU: from the profiler's allocator records. CUDA:
+    ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``, minus what was
+    allocated before the call."""
+    gc.collect()
+    if is_cuda(device):
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
     from torch.profiler import ProfilerActivity, profile
 
-    gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
@@ -265,20 +476,48 @@ def train_gflop(step: Callable[[], Any]) -> float:
     return fc.get_total_flops() / 1e9
 
 
+def step_costs(variants: dict[str, nn.Module], opts: dict, steps: dict, inputs: tuple, device="cpu"):
+    """name -> train step's peak MiB (resident + dynamic), dynamic MiB, GFLOP and trainable
+    parameter count. Run after timing, so AdamW state exists as in a running loop; grads are
+    cleared first (they are the step's own allocations), the inputs' included."""
+    out = {}
+    for n, m in variants.items():
+        for t in inputs:
+            if t.requires_grad:
+                t.grad = None
+        m.zero_grad(set_to_none=True)
+        resident = tensor_bytes(m, opts[n], *inputs)
+        dyn = dynamic_peak_bytes(steps[n], device)
+        out[n] = {"train_peak_mib": (resident + dyn) / MiB, "train_dynamic_mib": dyn / MiB,
+                  "train_gflop": train_gflop(steps[n]),
+                  "trainable_params": sum(p.numel() for p in trainable(m))}
+    return out
+
+
 # ---- output -----------------------------------------------------------------------------------
-def env_info(args) -> dict[str, Any]:
-    return {
+def env_info(device="cpu", **fields) -> dict[str, Any]:
+    """Versions, CPU, threads, device (and on CUDA the GPU's name and CUDA version), then the
+    caller's ``fields``, then the time."""
+    env: dict[str, Any] = {
         "torch": torch.__version__, "python": platform.python_version(),
         "adaptkit": ak.__version__, "cpu": platform.processor() or platform.machine(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "threads": torch.get_num_threads(), "dtype": args.dtype, "quick": args.quick,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "threads": torch.get_num_threads(), "device": str(device),
     }
+    if is_cuda(device):
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    env.update(fields)
+    env["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    return env
 
 
-def print_table(title: str, headers: list[str], rows: list[list[Any]]) -> None:
+def print_table(title: str, headers: list[str], rows: list[list[Any]], floatfmt: str | None = None) -> None:
+    """A plain-text table; floats as ``floatfmt`` (default 3 decimals under 10, else 1), None as -."""
     def fmt(v):
         if isinstance(v, float):
+            if floatfmt is not None:
+                return floatfmt.format(v)
             return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
         return "-" if v is None else str(v)
 
@@ -344,7 +583,13 @@ def pair_ratios(variants: list[str], methods: list[str]) -> list[tuple[str, str,
     return out
 
 
-def write_json(path: str, payload: dict[str, Any]) -> str:
+def json_path(args, stem: str) -> str:
+    """``--json`` if given, else runs/<stem>[_quick].json in the repository."""
+    return args.json or os.path.join(ROOT, "runs", f"{stem}{'_quick' if args.quick else ''}.json")
+
+
+def write_json(path: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """Write ``payload`` atomically (temp file + rename), say where, and return it."""
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
@@ -352,8 +597,4 @@ def write_json(path: str, payload: dict[str, Any]) -> str:
         json.dump(payload, f, indent=2)
     os.replace(tmp, path)
     print(f"\nwrote {path}")
-    return path
-
-
-def default_json(bench: str, args) -> str:
-    return args.json or os.path.join(ROOT, "runs", f"{bench}_{args.dtype}{'_quick' if args.quick else ''}.json")
+    return payload

@@ -22,25 +22,17 @@ Table on stdout, JSON to runs/bench_geolora[_quick].json.
 """
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import math
-import os
-import platform
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-import adaptkit as ak  # noqa: E402
+import _common as C
+from _common import ak
 
 TARGETS = r"blocks\.\d+\.(attn\.(q|k|v|o)|mlp\.(gate|up|down))"
 
@@ -126,17 +118,15 @@ def build(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--threads", type=int, default=1)
+    p = C.base_parser(__doc__.split("\n\n")[0], quick_help="1 block, <= 256 tokens, 1 timed cycle: a smoke run",
+                      json_default="runs/bench_geolora[_quick].json")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--cycles", type=int, default=None, help="timed 11-step cycles (default 6, quick 1)")
-    p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    C.set_threads(args.threads)
     if args.quick:
         args.tokens, args.layers = min(args.tokens, 256), min(args.layers, 1)
     cycles = args.cycles or (1 if args.quick else 6)
@@ -193,17 +183,8 @@ def main(argv=None):
     for r in rows:
         print(f"{r['variant']:14s} {r['opt_step_ms']:12.2f} {r['opt_step_vs_lora']:7.2f} "
               f"{r['train_step_ms']:14.1f} {r['train_step_vs_lora']:7.2f}  {r['ranks']}")
-    path = args.json or os.path.join(ROOT, "runs", f"bench_geolora{'_quick' if args.quick else ''}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    payload = {"bench": "geolora", "args": vars(args), "rows": rows,
-               "env": {"torch": torch.__version__, "python": platform.python_version(),
-                       "cpu": platform.processor() or platform.machine(),
-                       "threads": torch.get_num_threads(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}}
-    with open(path + ".tmp", "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(path + ".tmp", path)
-    print(f"\nwrote {path}")
-    return payload
+    return C.write_json(C.json_path(args, "bench_geolora"),
+                        {"bench": "geolora", "args": vars(args), "rows": rows, "env": C.env_info()})
 
 
 if __name__ == "__main__":

@@ -23,44 +23,24 @@ Standalone: needs only torch and adaptkit; writes runs/bench_lorampo[_quick].jso
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import gc
-import json
-import os
-import platform
-import statistics
-import sys
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run as `python benchmarks/bench_lorampo.py` from a clone
-    sys.path.insert(0, ROOT)
+import _common as C
+from _common import ak
 
-import adaptkit as ak  # noqa: E402
-
-MiB = 2 ** 20
 SHAPES = [(768, 768), (3072, 768), (768, 3072), (4096, 4096)]  # (out, in)
 QUICK_SHAPES = [(256, 256), (1024, 256)]
-
-
-class Holder(nn.Module):
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.proj = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
 
 
 class DenseKron(nn.Module):
     """Runs an injected LoRA-MPO layer through its dense delta: F.linear(x, W + s ΔW, b)."""
 
-    def __init__(self, model: Holder):
+    def __init__(self, model: C.Holder):
         super().__init__()
         self.model = model
 
@@ -70,56 +50,9 @@ class DenseKron(nn.Module):
         return F.linear(x, layer.weight + ad.delta_weight(layer), layer.bias)
 
 
-def peak_bytes(fn) -> int:
-    """Peak of (allocated - freed) bytes during one call of ``fn`` (profiler allocator records)."""
-    from torch.profiler import ProfilerActivity, profile
-    gc.collect()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
-def resident_bytes(*objs) -> int:
-    seen, total = set(), 0
-    for o in objs:
-        ts = list(o.parameters()) if isinstance(o, nn.Module) else \
-            [t for st in o.state.values() for t in st.values()] if isinstance(o, torch.optim.Optimizer) else [o]
-        for t in ts:
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
-                seen.add(t.untyped_storage().data_ptr())
-                total += t.untyped_storage().nbytes()
-    return total
-
-
-def interleaved(cases: dict, warmup: int, repeats: int) -> dict[str, float]:
-    """name -> median ms; every round calls every case once, starting one case later each round."""
-    names, samples = list(cases), {n: [] for n in cases}
-    gc.collect()
-    gc.disable()
-    try:
-        for _ in range(warmup):
-            for n in names:
-                cases[n]()
-        for r in range(repeats):
-            for i in range(len(names)):
-                n = names[(i + r) % len(names)]
-                t = time.perf_counter()
-                cases[n]()
-                samples[n].append((time.perf_counter() - t) * 1e3)
-    finally:
-        gc.enable()
-    return {n: statistics.median(s) for n, s in samples.items()}
-
-
 def bench_shape(out: int, inp: int, rank: int, tokens: int, warmup: int, repeats: int) -> dict:
     torch.manual_seed(0)
-    base = Holder(nn.Linear(inp, out)).requires_grad_(False)
+    base = C.Holder(nn.Linear(inp, out)).requires_grad_(False)
     specs = {"lora": ak.LoRA(rank=rank, alpha=2 * rank, targets="proj"),
              "lorampo": ak.LoRAMPO(rank=rank, alpha=2 * rank, targets="proj"),
              "lorampo-lora": ak.LoRAMPO(rank=rank, alpha=2 * rank, mode="lora", targets="proj")}
@@ -179,13 +112,12 @@ def bench_shape(out: int, inp: int, rank: int, tokens: int, warmup: int, repeats
                 opts[n].step()
         return run
 
-    fwd_ms = interleaved({n: fwd(m) for n, m in models.items()}, warmup, repeats)
-    train_ms = interleaved({n: train(n, m) for n, m in models.items()}, warmup, repeats)
+    fwd_ms = C.median_ms({n: C.timed(fwd(m)) for n, m in models.items()}, warmup, repeats)
+    train_ms = C.median_ms({n: C.timed(train(n, m)) for n, m in models.items()}, warmup, repeats)
     peak = {}
     for n, m in models.items():
         train(n, m)()  # optimizer state exists before the measured step
-        peak[n] = (resident_bytes(m, x, g, *(o for o in [opts[n]] if o is not None))
-                   + peak_bytes(train(n, m))) / MiB
+        peak[n] = (C.tensor_bytes(m, x, g, opts[n]) + C.dynamic_peak_bytes(train(n, m))) / C.MiB
     rows = {n: {"fwd_ms": fwd_ms[n], "train_ms": train_ms[n], "peak_mib": peak[n],
                 "trainable_params": params[n], "init_ms": init_ms[n], "max_abs_err": err[n]}
             for n in models}
@@ -194,14 +126,12 @@ def bench_shape(out: int, inp: int, rank: int, tokens: int, warmup: int, repeats
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="small shapes, few repeats: a smoke run")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p = C.base_parser(__doc__.split("\n")[0], quick_help="small shapes, few repeats: a smoke run",
+                      json_default="runs/bench_lorampo[_quick].json")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--tokens", type=int, default=None, help="tokens per call (default 512, quick 64)")
-    p.add_argument("--json", default=None, help="default runs/bench_lorampo[_quick].json")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    C.set_threads(args.threads)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     tokens = args.tokens or (64 if args.quick else 512)
     warmup, repeats = (1, 3) if args.quick else (2, 7)
@@ -221,18 +151,8 @@ def main(argv=None) -> dict:
             init = "-" if r["init_ms"] is None else f"{r['init_ms']:.1f}"
             print(f"{n:14s} {r['fwd_ms']:8.3f} {r['train_ms']:9.3f} {r['train_ms'] / lr['train_ms']:7.2f} "
                   f"{r['peak_mib']:9.2f} {r['trainable_params']:9,d} {init:>8s} {r['max_abs_err']:8.1e}")
-    payload = {"bench": "lorampo", "env": {
-        "torch": torch.__version__, "python": platform.python_version(), "adaptkit": ak.__version__,
-        "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-        "dtype": "fp32", "quick": args.quick, "time": time.strftime("%Y-%m-%dT%H:%M:%S")},
-        "results": results}
-    path = args.json or os.path.join(ROOT, "runs", f"bench_lorampo{'_quick' if args.quick else ''}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(path + ".tmp", path)
-    print(f"\nwrote {path}")
-    return payload
+    return C.write_json(C.json_path(args, "bench_lorampo"), {
+        "bench": "lorampo", "env": C.env_info(dtype="fp32", quick=args.quick), "results": results})
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ projections, adaptkit side by side with PEFT (same weights) and the frozen base.
 
     python benchmarks/bench_model.py [--quick] [--threads 1] [--dtype fp32|bf16] [--json PATH]
                                      [--methods lora,...] [--no-peft] [--batch B] [--seq S]
-                                     [--modes fwd,bwd,train] [--torch-model]
+                                     [--modes fwd,bwd,train] [--torch-model] [--warmup N]
+                                     [--repeats N] [--device cpu|cuda]
 
 The model is ``transformers.LlamaForCausalLM`` built from a ``LlamaConfig`` (SDPA attention)
 when transformers is installed, else (or with ``--torch-model``) :class:`TinyLlama` below, with
@@ -23,7 +24,8 @@ exact shapes run (1.032x with the 32000-way head included), the floor for the ti
 
 Modes: fwd (eval forward with the loss, under no_grad), bwd (loss.backward() alone), train
 (zero_grad + forward + backward + AdamW step); peak MiB is the train step's high-water mark of
-live tensor bytes. PEFT runs with its defaults (``get_peft_model``; under a bf16 base its
+live tensor bytes (``--device cuda``: from ``torch.cuda.max_memory_allocated``; timings
+synchronise the GPU). PEFT runs with its defaults (``get_peft_model``; under a bf16 base its
 ``autocast_adapter_dtype=True`` keeps the adapter weights in fp32). Also: merged vs unmerged
 logits (fp32, ``ak.merge``), and adaptkit vs PEFT logits with the same adapter weights.
 Targets for LoRA (fp32, 1 thread): train adaptkit/base <= 1.08 (bf16 <= 1.15), adaptkit/peft
@@ -31,9 +33,7 @@ Targets for LoRA (fp32, 1 thread): train adaptkit/base <= 1.08 (bf16 <= 1.15), a
 """
 from __future__ import annotations
 
-import copy
 import importlib.util
-import time
 from types import SimpleNamespace
 
 import torch
@@ -134,7 +134,7 @@ class TinyLlama(nn.Module):
         m = self.model
         x = m.embed_tokens(input_ids)  # (b, t, d)
         t = input_ids.shape[1]
-        ang = torch.outer(torch.arange(t, dtype=torch.float32), m.inv_freq)  # (t, hd/2)
+        ang = torch.outer(torch.arange(t, dtype=torch.float32, device=input_ids.device), m.inv_freq)  # (t, hd/2)
         ang = torch.cat((ang, ang), dim=-1)  # (t, hd)
         cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
         for layer in m.layers:
@@ -164,77 +164,22 @@ def require_input_grads(model: nn.Module) -> None:
     model.get_input_embeddings().register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))
 
 
-# ---- variants and measurements ----------------------------------------------------------------
-def build_variants(dtype, methods, peft):
-    base = build_model(dtype).requires_grad_(False)
-    require_input_grads(base)  # copied along by deepcopy, so every variant has it
-    variants: dict[str, nn.Module] = {"base": base}
-    for row in methods:
-        am = copy.deepcopy(base)
-        ak.inject(am, row.ak_spec(TARGETS, RANK))
-        C.nontrivial(am)
-        variants[f"{row.name}/adaptkit"] = am
-        if row.peft_config is not None:
-            pm = peft.get_peft_model(copy.deepcopy(base), row.peft_config(TARGETS, RANK))
-            if row.sync is not None:
-                row.sync(am, pm.base_model.model)
-            variants[f"{row.name}/peft"] = pm
-    return variants
-
-
-def model_cases(variants, ids):
-    opts = {n: (torch.optim.AdamW(C.trainable(m), lr=1e-4) if C.trainable(m) else None)
-            for n, m in variants.items()}
-
-    def fwd(m):
-        def run():
-            with torch.no_grad():
-                m(input_ids=ids, labels=ids)
-        return C.timed(run)
-
-    def bwd(m):
-        def run():
-            m.zero_grad(set_to_none=True)
-            loss = m(input_ids=ids, labels=ids).loss
-            t = time.perf_counter()
-            loss.backward()
-            return time.perf_counter() - t
-        return run
-
-    def train_step(m, opt):
-        def step():
-            if opt is not None:
-                opt.zero_grad(set_to_none=True)
-            m(input_ids=ids, labels=ids).loss.backward()
-            if opt is not None:
-                opt.step()
-        return step
-
-    steps = {n: train_step(m, opts[n]) for n, m in variants.items()}
-    modes = {"fwd": {n: fwd(m) for n, m in variants.items()},
-             "bwd": {n: bwd(m) for n, m in variants.items()},
-             "train": {n: C.timed(s) for n, s in steps.items()}}
-    return modes, opts, steps
-
-
+# ---- measurements ------------------------------------------------------------------------------
 @torch.no_grad()
-def logits_checks(methods, peft, ids) -> dict[str, dict[str, float]]:
+def logits_checks(methods, peft, ids, device: str) -> dict[str, dict[str, float]]:
     """fp32, per method: max |merged - unmerged| logits (ak.merge), max |adapted - base| (the
     adapter is not a no-op), and max |adaptkit - peft| with the same adapter weights."""
     out = {}
-    base = build_model(torch.float32).eval()
+    base = build_model(torch.float32).to(device).eval()
     ref = base(input_ids=ids).logits
-    for row in methods:
-        am = copy.deepcopy(base)
-        ak.inject(am, row.ak_spec(TARGETS, RANK))
-        C.nontrivial(am)
-        am.eval()
+    for row in methods:  # one method at a time: a few model copies alive, not all of them
+        variants, synced = C.build_variants(base, TARGETS, RANK, [row], peft, device)
+        am = variants[f"{row.name}/adaptkit"].eval()
         res = {}
         unmerged = am(input_ids=ids).logits
         res["adapted_vs_base"] = (unmerged - ref).abs().max().item()
-        if row.peft_config is not None and row.sync is not None:
-            pm = peft.get_peft_model(copy.deepcopy(base), row.peft_config(TARGETS, RANK)).eval()
-            row.sync(am, pm.base_model.model)
+        if row.name in synced:
+            pm = variants[f"{row.name}/peft"].eval()
             res["adaptkit_vs_peft"] = (unmerged - pm(input_ids=ids).logits).abs().max().item()
         merged = ak.merge(am)
         res["merged_vs_unmerged"] = (merged(input_ids=ids).logits - unmerged).abs().max().item()
@@ -251,43 +196,31 @@ def main() -> None:
     args = p.parse_args()
     global USE_TRANSFORMERS
     USE_TRANSFORMERS = USE_TRANSFORMERS and not args.torch_model
-    C.set_threads(args.threads)
-    dtype = C.DTYPES[args.dtype]
-    peft = C.load_peft(args.no_peft)
-    methods = C.pick_methods(C.method_rows(peft), args.methods)
-    run_modes = C.pick_modes(args.modes)
+    run = C.setup(args, quick_rounds=(1, 3), full_rounds=(2, 7))
+    dtype, peft, methods, run_modes, warmup, repeats = (run.dtype, run.peft, run.methods, run.modes,
+                                                         run.warmup, run.repeats)
     batch = args.batch or (2 if args.quick else 4)
     seq = args.seq or (128 if args.quick else 256)
-    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 7)
     impl = "transformers.LlamaForCausalLM" if USE_TRANSFORMERS else "TinyLlama (torch)"
     print(f"bench_model: {impl} {CONFIG}, batch {batch}, seq {seq}, rank {RANK} on q,k,v,o,gate,up,down, "
-          f"{args.dtype}, {torch.get_num_threads()} thread(s), methods {[m.name for m in methods]}, "
+          f"{args.dtype}, {args.device}, {torch.get_num_threads()} thread(s), methods {[m.name for m in methods]}, "
           f"PEFT {'on' if peft else 'off'}, warmup {warmup}, repeats {repeats} (interleaved)")
 
     ids = torch.randint(0, CONFIG["vocab_size"], (batch, seq),
-                        generator=torch.Generator().manual_seed(0))  # (batch, seq) token ids
-    checks = logits_checks(methods, peft, ids)
+                        generator=torch.Generator().manual_seed(0)).to(args.device)  # (batch, seq) token ids
+    checks = logits_checks(methods, peft, ids, args.device)
     for name, r in checks.items():
         print(f"fp32 logits, {name}: " + ", ".join(f"max |{k.replace('_vs_', ' - ')}| = {v:.3g}" for k, v in r.items()))
 
-    variants = build_variants(dtype, methods, peft)
+    base = build_model(dtype)
+    require_input_grads(base)  # copied along by deepcopy, so every variant has it
+    variants, _ = C.build_variants(base, TARGETS, RANK, methods, peft, args.device)
     names = list(variants)
-    modes, opts, steps = model_cases(variants, ids)
-    res: dict[str, dict] = {n: {} for n in names}
-    for mode, cases in modes.items():
-        if mode not in run_modes:
-            continue
-        for n, s in C.interleaved(cases, warmup, repeats).items():
-            res[n][mode] = C.stats_ms(s)
-    for n, m in variants.items():
-        m.zero_grad(set_to_none=True)
-        resident = C.tensor_bytes(m, opts[n], ids)
-        dyn = C.dynamic_peak_bytes(steps[n])
-        res[n]["train_peak_mib"] = (resident + dyn) / C.MiB
-        res[n]["train_dynamic_mib"] = dyn / C.MiB
-        res[n]["train_gflop"] = C.train_gflop(steps[n])
-        res[n]["trainable_params"] = sum(q.numel() for q in C.trainable(m))
+    modes, opts, steps = C.mode_cases(variants, lambda m: m(input_ids=ids, labels=ids).loss,
+                                      lambda loss: loss.backward(), args.device)
+    res = C.time_modes(modes, run_modes, warmup, repeats)
+    for n, costs in C.step_costs(variants, opts, steps, (ids,), args.device).items():
+        res[n].update(costs)
 
     pairs = C.pair_ratios(names, [m.name for m in methods])
     rat = C.ratios(res, pairs)
@@ -308,8 +241,8 @@ def main() -> None:
         print("\nLoRA targets: " + "; ".join(
             f"{k} {v['value']:.3g} ({'met' if v['met'] else 'MISSED'}, target {v['target']:g})"
             for k, v in verdict.items() if v is not None))
-    C.write_json(C.default_json("bench_model", args), {
-        "env": C.env_info(args),
+    C.write_json(C.json_path(args, f"bench_model_{args.dtype}"), {
+        "env": C.env_info(args.device, dtype=args.dtype, quick=args.quick),
         "config": {"model": impl, **CONFIG, "batch": batch, "seq": seq, "rank": RANK, "alpha": 2 * RANK,
                    "targets": TARGETS, "warmup": warmup, "repeats": repeats, "modes": run_modes,
                    "methods": [m.name for m in methods], "peft": bool(peft),

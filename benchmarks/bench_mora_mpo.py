@@ -27,30 +27,19 @@ entries; nothing else changes.
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import gc
-import json
-import os
-import platform
-import statistics
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
 
-os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the memory profiler's start/stop chatter
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
+import torch
+import torch.nn as nn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # run from a clone without installing
+import _common as C
+from _common import ak
+from adaptkit.merge import unmerge
+from adaptkit.methods.mora import apply_mora_linear
 
-import adaptkit as ak  # noqa: E402
-from adaptkit.merge import unmerge  # noqa: E402
-from adaptkit.methods.mora import apply_mora_linear  # noqa: E402
-
-MiB = 2 ** 20
 TARGETS = r"layers\.\d+"
 
 
@@ -97,31 +86,6 @@ def _nontrivial(model: nn.Module) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
 
-def _timed(fn):
-    def run():
-        t = time.perf_counter()
-        fn()
-        return time.perf_counter() - t
-    return run
-
-
-def _interleaved(cases: dict, warmup: int, repeats: int) -> dict:
-    names, out = list(cases), {n: [] for n in cases}
-    gc.collect()
-    gc.disable()
-    try:
-        for _ in range(warmup):
-            for n in names:
-                cases[n]()
-        for r in range(repeats):
-            for i in range(len(names)):
-                n = names[(i + r) % len(names)]
-                out[n].append(cases[n]())
-    finally:
-        gc.enable()
-    return {n: statistics.median(v) * 1e3 for n, v in out.items()}
-
-
 def _saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
     seen, total = set(), 0
 
@@ -140,30 +104,18 @@ def _saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
 
 def _peak_bytes(fn) -> int | None:
     try:
-        from torch.profiler import ProfilerActivity, profile
-        gc.collect()
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-        ev = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
+        return C.dynamic_peak_bytes(fn)
     except Exception:  # noqa: BLE001 - private profiler API; the column is optional
         return None
-    live = peak = 0
-    for e in ev:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small shapes, few repeats (smoke run)")
-    ap.add_argument("--threads", type=int, default=1)
+    ap = C.base_parser(__doc__.split("\n")[0], quick_help="small shapes, few repeats (smoke run)",
+                       json_default="runs/bench_mora_mpo[_quick].json")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--rows", default="all", help="comma-separated substrings of row names")
-    ap.add_argument("--json", default=None, help="default runs/bench_mora_mpo[_quick].json")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    C.set_threads(args.threads)
     d, layers, tokens, warmup, repeats = (256, 2, 64, 2, 5) if args.quick else (1024, 4, 256, 3, 15)
     rows = ROWS if args.rows == "all" else [r for r in ROWS if any(
         k.strip().lower() in r.name.lower() for k in args.rows.split(","))]
@@ -198,13 +150,13 @@ def main(argv=None) -> dict:
         state = [p for p in m.parameters() if p.requires_grad]
         state += [t for s in (opt.state.values() if opt else []) for t in s.values()
                   if isinstance(t, torch.Tensor)]
-        r["state_mib"] = sum(t.numel() * t.element_size() for t in state) / MiB
-        r["saved_mib"] = _saved_bytes(m, x.clone().requires_grad_(True)) / MiB
+        r["state_mib"] = sum(t.numel() * t.element_size() for t in state) / C.MiB
+        r["saved_mib"] = _saved_bytes(m, x.clone().requires_grad_(True)) / C.MiB
         pk = _peak_bytes(lambda: step(name))
-        r["peak_mib"] = None if pk is None else pk / MiB
+        r["peak_mib"] = None if pk is None else pk / C.MiB
     for col, fn in (("train_ms", step), ("fwd_ms", infer)):
-        cases = {n: _timed(lambda n=n, fn=fn: fn(n)) for n in models}
-        for n, v in _interleaved(cases, warmup, repeats).items():
+        cases = {n: C.timed(lambda n=n, fn=fn: fn(n)) for n in models}
+        for n, v in C.median_ms(cases, warmup, repeats).items():
             results[n][col] = v
     for name, m in models.items():
         with torch.no_grad():
@@ -217,40 +169,22 @@ def main(argv=None) -> dict:
             models[name] = m = ak.merge(m)
         with torch.no_grad():
             results[name]["merge_err"] = (m(x) - y).abs().max().item()
-    cases = {n: _timed(lambda n=n: infer(n)) for n in models}
-    for n, v in _interleaved(cases, warmup, repeats).items():
+    cases = {n: C.timed(lambda n=n: infer(n)) for n in models}
+    for n, v in C.median_ms(cases, warmup, repeats).items():
         results[n]["merged_fwd_ms"] = v
 
     cols = [("params", "params"), ("state_mib", "state MiB"), ("saved_mib", "saved MiB"),
             ("peak_mib", "peak MiB"), ("train_ms", "train ms"), ("fwd_ms", "fwd ms"),
             ("merged_fwd_ms", "merged ms"), ("merge_ms", "merge ms"), ("merge_err", "|Δ| merge")]
     lora = results.get("lora", {})
-    table = [["row"] + [c[1] for c in cols] + ["train/lora"]]
-    for n, r in results.items():
-        rel = r["train_ms"] / lora["train_ms"] if lora else None
-        cells = [r.get(k) for k, _ in cols] + [rel]
-        table.append([n] + ["-" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
-                            for v in cells])
-    w = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    print(f"\n{layers} x Linear({d}, {d}), {tokens} tokens, rank {args.rank}, fp32, "
-          f"{args.threads} thread(s), median of {repeats}")
-    for i, row in enumerate(table):
-        print("  ".join(c.ljust(w[j]) if j == 0 else c.rjust(w[j]) for j, c in enumerate(row)))
-        if i == 0:
-            print("  ".join("-" * k for k in w))
-    payload = {"bench": "bench_mora_mpo", "shape": {"d": d, "layers": layers, "tokens": tokens},
-               "rank": args.rank, "repeats": repeats, "env": {
-                   "torch": torch.__version__, "python": platform.python_version(),
-                   "threads": args.threads, "quick": args.quick,
-                   "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, "rows": results}
-    path = os.path.abspath(args.json or os.path.join(
-        ROOT, "runs", f"bench_mora_mpo{'_quick' if args.quick else ''}.json"))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(path + ".tmp", path)
-    print(f"\nwrote {path}")
-    return payload
+    C.print_table(f"{layers} x Linear({d}, {d}), {tokens} tokens, rank {args.rank}, fp32, "
+                  f"{args.threads} thread(s), median of {repeats}",
+                  ["row"] + [c[1] for c in cols] + ["train/lora"],
+                  [[n] + [r.get(k) for k, _ in cols] + [r["train_ms"] / lora["train_ms"] if lora else None]
+                   for n, r in results.items()], "{:.3g}")
+    return C.write_json(C.json_path(args, "bench_mora_mpo"), {
+        "bench": "bench_mora_mpo", "shape": {"d": d, "layers": layers, "tokens": tokens},
+        "rank": args.rank, "repeats": repeats, "env": C.env_info(quick=args.quick), "rows": results})
 
 
 if __name__ == "__main__":
