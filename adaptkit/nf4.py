@@ -32,6 +32,8 @@ tensor is allocated per step, since first-touch page faults on fresh multi-MB te
 more than the arithmetic. For the same reason large CPU outputs are allocated through numpy,
 which asks for transparent huge pages. The 16-way nearest-code search is a uniform look-up
 table plus one comparison (``_build_lut``), exact and ~6x faster than ``torch.bucketize``.
+The 8-bit dynamic map and its search live in :mod:`adaptkit.nf4_nested`; matmuls against an
+NF4 weight that never hold the dense weight live in :mod:`adaptkit.nf4_matmul`.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ import numpy as np
 import torch
 
 from .errors import AdaptkitError
+from .nf4_nested import DYN_MID, DYNAMIC_CODE, blockwise_index
 
 __all__ = ["NF4_CODE", "DYNAMIC_CODE", "NF4State", "quantize_nf4", "dequantize_nf4"]
 
@@ -58,27 +61,8 @@ NF4_CODE = torch.tensor(
 )
 
 
-def _dynamic_map() -> torch.Tensor:
-    """bitsandbytes ``create_dynamic_map(signed=True)``, recomputed with the same fp32 ops.
-
-    For exponent ``i = 0..6``: ``±10^(i-6) ·`` midpoints of ``linspace(0.1, 1, 2^i + 1)``,
-    plus 0 and 1, sorted: 256 values. (7 iterations over exponents, not over data.)
-    """
-    data = []
-    for i in range(7):  # max_exponent_bits=7, total_bits=8: no extra linear items
-        bounds = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
-        means = (bounds[:-1] + bounds[1:]) / 2.0  # [2^i]
-        scale = 10 ** (i - 6)
-        data += [scale * means, -scale * means]  # fp32 tensor times a Python float, as bnb
-    data.append(torch.tensor([0.0, 1.0]))
-    return torch.cat(data).sort().values
-
-
-DYNAMIC_CODE = _dynamic_map()
-
 # Decision midpoints in fp32, exactly as bnb computes them: an index is #{midpoints < x}.
 _NF4_MID = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
-_DYN_MID = (DYNAMIC_CODE[:-1] + DYNAMIC_CODE[1:]) / 2
 
 
 def _build_lut(steps: int = 11):
@@ -261,37 +245,6 @@ def _nf4_index(s: torch.Tensor, lut, k: torch.Tensor, kf: torch.Tensor, thr: tor
     return out.add_(gt)
 
 
-def _count_below(s: torch.Tensor, mids: torch.Tensor) -> torch.Tensor:
-    """``#{mids < s}`` (= ``torch.bucketize(s, mids)``, ties lower) for sorted ``mids`` of
-    length 2^k - 1, by a vectorised binary search: k rounds of gather + compare into reused
-    buffers. 8x faster than bucketize for the 255 dynamic-map midpoints."""
-    table = torch.cat([mids, mids.new_full((1,), float("inf"))]).to(s.device)  # [2^k]
-    pos = torch.zeros(s.shape, dtype=torch.int32, device=s.device)
-    cand, thr = torch.empty_like(pos), torch.empty_like(s)
-    gt = torch.empty(s.shape, dtype=torch.bool, device=s.device)
-    step = len(table) // 2
-    while step:  # k rounds over the search depth, not over elements
-        torch.index_select(table, 0, torch.add(pos, step - 1, out=cand), out=thr)
-        pos.add_(torch.gt(s, thr, out=gt), alpha=step)
-        step //= 2
-    return pos
-
-
-def _blockwise_index(x: torch.Tensor, mids: torch.Tensor, bs: int):
-    """Small helper for the nested (8-bit) absmax and the partial NF4 tail: bnb's pure-torch
-    rule, reciprocal for full blocks and division for the tail. Returns (idx, absmax)."""
-    n = x.numel()
-    full = n // bs * bs
-    xb = x[:full].view(-1, bs)  # [full blocks, bs]
-    am = xb.abs().amax(1) if full else x.new_zeros(0)
-    scaled = [(xb * (1.0 / am.clamp(min=1e-38))[:, None]).reshape(-1)]  # [full]
-    if full < n:
-        tail_am = x[full:].abs().amax().clamp(min=1e-38)
-        am = torch.cat([am, tail_am[None]])
-        scaled.append(x[full:] / tail_am)
-    return _count_below(torch.cat(scaled), mids), am  # [n] int32, [blocks] fp32
-
-
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
                  nested_blocksize: int = 256) -> tuple[torch.Tensor, NF4State]:
     """Quantise ``w`` (fp32 / fp16 / bf16, any shape, ``n`` elements) to NF4.
@@ -343,7 +296,7 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
             torch.add(q[:, 1], q[:, 0], alpha=16, out=packed[b0 * bs // 2: b1 * bs // 2])
     if nfull * bs < n:  # partial tail block: bnb divides here; pad an odd count with 0 (-> 7)
         tail = flat[nfull * bs:].float()
-        q, am = _blockwise_index(tail, _NF4_MID, bs)  # all tail: division rule
+        q, am = blockwise_index(tail, _NF4_MID, bs)  # all tail: division rule
         absmax[-1] = am[0]
         q = torch.cat([q, q.new_full((len(q) % 2,), 7)]).view(-1, 2)  # [ceil(r/2), 2]
         packed[nfull * bs // 2:] = (q[:, 0] * 16 + q[:, 1]).to(torch.uint8)
@@ -353,10 +306,28 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     state = NF4State(absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=bs)
     if double_quant:
         offset = absmax.mean()  # fp32 scalar, as bnb (same torch reduction)
-        q8, nested = _blockwise_index(absmax - offset, _DYN_MID, nested_blocksize)
+        q8, nested = blockwise_index(absmax - offset, DYN_MID, nested_blocksize)
         state.absmax, state.nested_absmax = q8.to(torch.uint8), nested
         state.offset, state.nested_blocksize = offset, nested_blocksize
     return packed, state
+
+
+def decode_blocks(p: torch.Tensor, a: torch.Tensor, out: torch.Tensor, pairs: torch.Tensor,
+                  k: torch.Tensor, buf: Optional[torch.Tensor]) -> torch.Tensor:
+    """Dequantise whole blocks, row by row: bytes ``p`` uint8 ``[R, m/2]`` (rows may be
+    strided, e.g. a column slice of a ``[out, in/2]`` view), block absmax ``a`` fp32
+    ``[R, m/blocksize]``, into contiguous ``out`` ``[R, m]`` (fp32 / fp16 / bf16). ``k``: int32
+    scratch of ``R·m/2`` or more; ``buf``: fp32 scratch of ``R·m`` or more, None when ``out``
+    is fp32. Exactly :func:`dequantize_nf4`'s arithmetic (fp32 product, then one cast)."""
+    r, h = p.shape
+    kk = k[: r * h].view(r, h).copy_(p)  # [R, m/2] bytes -> int32 indices
+    dst = out if buf is None else buf[: 2 * r * h].view(r, 2 * h)  # [R, m] fp32
+    # one 8-byte gather per packed byte writes both fp32 codes in element order
+    torch.index_select(pairs, 0, kk.view(-1), out=dst.view(-1).view(torch.int64))  # [R·m/2] int64
+    dst.view(r, a.shape[1], -1).mul_(a[:, :, None])  # [R, blocks, bs] * [R, blocks, 1]
+    if buf is not None:
+        out.copy_(dst)  # one rounding fp32 -> dtype
+    return out
 
 
 def dequantize_nf4(packed: torch.Tensor, state: NF4State,
@@ -388,14 +359,9 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State,
         buf = None if dtype == torch.float32 else torch.empty(c, dtype=torch.float32, device=dev)
         for b0 in range(0, nfull, per):  # loop over chunks of `per` blocks
             b1 = min(b0 + per, nfull)
-            m = (b1 - b0) * bs
-            dst = out[b0 * bs: b1 * bs] if buf is None else buf[:m]  # [m] fp32
-            k[: m // 2].copy_(pb[b0 * bs // 2: b1 * bs // 2])
-            # one 8-byte gather per packed byte writes both fp32 codes in element order
-            torch.index_select(pairs, 0, k[: m // 2], out=dst.view(torch.int64))  # [m/2] int64
-            dst.view(-1, bs).mul_(absmax[b0:b1, None])  # [blocks, bs] * [blocks, 1]
-            if buf is not None:
-                out[b0 * bs: b1 * bs].copy_(dst)  # one rounding fp32 -> dtype
+            # [1, m/2] bytes, [1, blocks] absmax -> [1, m] of out
+            decode_blocks(pb[b0 * bs // 2: b1 * bs // 2].view(1, -1), absmax[b0:b1].view(1, -1),
+                          out[b0 * bs: b1 * bs].view(1, -1), pairs, k, buf)
     if nfull * bs < n:  # partial tail block
         # [ceil(r/2)] int64 -> [2·ceil(r/2)] fp32 codes -> the first r
         tail = pairs[pb[nfull * bs // 2:].long()].view(torch.float32)[: n - nfull * bs]
