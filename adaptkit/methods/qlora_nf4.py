@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import nf4_matmul
 from ..errors import AdaptkitError
 from ..layer import AdaptedLayer
 from ..nf4 import NF4State, dequantize_nf4, quantize_nf4
@@ -67,31 +68,34 @@ def check_settings(owner: str, blocksize, double_quant, compute_dtype) -> None:
 
 
 class _NF4LinearFn(torch.autograd.Function):
-    """y = x W^T + b with W = deq() in the compute dtype; backward dequantises W again rather
-    than keeping it (bitsandbytes' MatMul4Bit does the same)."""
+    """y = x W^T + b, W = deq(layer) in the compute dtype, via :mod:`adaptkit.nf4_matmul`;
+    backward dequantises W again rather than keeping it (as bitsandbytes' MatMul4Bit)."""
 
     @staticmethod
-    def forward(ctx, x, bias, deq):
-        ctx.deq = deq
-        return F.linear(x, deq(), bias)
+    def forward(ctx, x, bias, layer):
+        ctx.layer = layer
+        return nf4_matmul.linear(x, layer.weight, layer.state(), layer.compute_dtype, bias)
 
     @staticmethod
     def backward(ctx, g):
-        # (autocast ran the forward matmul in g's dtype; backward runs outside autocast)
-        gx = g @ ctx.deq().to(g.dtype) if ctx.needs_input_grad[0] else None  # (..., out) @ (out, in)
+        layer, gx = ctx.layer, None  # autocast may have run the forward in g's dtype:
+        if ctx.needs_input_grad[0]:  # g (..., out) @ W (out, in), W cast as autocast did
+            gx = (nf4_matmul.grad_input(g, layer.weight, layer.state(), g.dtype) if g.dtype ==
+                  layer.compute_dtype else g @ layer.dequantize().to(g.dtype))
         gb = g.reshape(-1, g.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None  # (out,)
         return gx, gb, None
 
 
 def nf4_forward(layer: "NF4Linear", x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The NF4 base op: F.linear in the compute dtype, returned in x's dtype."""
+    """The NF4 base op: x W^T + b in the compute dtype, returned in x's dtype (inference on
+    CPU: chunked, or for 1-2 rows of x a compiled fused GEMV; :mod:`adaptkit.nf4_matmul`)."""
     cd = layer.compute_dtype
     xc = x.to(cd)
     b = None if bias is None else bias.to(cd)
-    if xc.requires_grad and torch.is_grad_enabled():
-        y = _NF4LinearFn.apply(xc, b, layer.dequantize)
+    if torch.is_grad_enabled() and (xc.requires_grad or (b is not None and b.requires_grad)):
+        y = _NF4LinearFn.apply(xc, b, layer)
     else:
-        y = F.linear(xc, layer.dequantize(), b)
+        y = nf4_matmul.linear(xc, layer.weight, layer.state(), cd, b)
     return y.to(x.dtype)
 
 

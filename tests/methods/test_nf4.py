@@ -326,3 +326,121 @@ def test_double_quant_absmax_within_half_a_code(n, seed):
     gap = (DYNAMIC_CODE[1:] - DYNAMIC_CODE[:-1]).max()
     nested = st.nested_absmax[torch.arange(len(plain.absmax)) // 8]
     assert bool(((st.block_absmax() - plain.absmax).abs() <= nested * gap / 2 + 1e-5).all())
+
+
+# ------------------------------------------- adaptkit.nf4_matmul: matmuls without a dense W
+import torch.nn.functional as F  # noqa: E402
+
+from adaptkit import nf4_matmul as nm  # noqa: E402
+from adaptkit.nf4 import NF4Linear  # noqa: E402
+
+FP32, BF16, FP16 = torch.float32, torch.bfloat16, torch.float16
+MM_CASES = [(96, 128, 64, True, FP32), (96, 128, 64, True, BF16), (96, 128, 64, True, FP16),
+            (70, 192, 64, False, FP32), (70, 192, 64, False, BF16), (33, 256, 128, True, BF16),
+            (40, 100, 64, True, FP32), (40, 100, 64, True, BF16)]  # 100 % 64: the dense path
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunked paths for test-sized weights: chunks of 2 Ki elements (several per weight, a
+    partial last one); a fresh compiled GEMV (dynamo's per-kernel recompile limit is shared
+    by all tests of the process), its state restored afterwards."""
+    torch._dynamo.reset()
+    for name, value in (("_CHUNK", 1 << 11), ("_COMPILE", [True]), ("_KERNEL", []), ("_KEYS", set())):
+        monkeypatch.setattr(nm, name, value)
+    return nm
+
+
+def close(y: torch.Tensor, ref: torch.Tensor, dtype) -> None:
+    """Equal up to float summation order: fp32 within ~1e-6 of the scale; bf16 / fp16 (both
+    sides round the same fp32-accumulated sums once) within one unit in the last place."""
+    assert y.dtype == ref.dtype and y.shape == ref.shape
+    scale = ref.float().abs().max().item()
+    rtol = {torch.float32: 1e-6, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[dtype]
+    torch.testing.assert_close(y.float(), ref.float(), rtol=rtol, atol=4e-6 * scale)
+
+
+@pytest.mark.parametrize("out_f,in_f,bs,dq,dtype", MM_CASES)
+def test_matmul_paths_equal_dense_reference(small_chunks, out_f, in_f, bs, dq, dtype):
+    """GEMV (1-2 rows), row chunks (more rows, 3-D input), fp32-accumulated backward row chunks
+    and the dense fallback (in_features 100: not a multiple of the blocksize, bit-exact)."""
+    torch.manual_seed(out_f)
+    packed, st = quantize_nf4(torch.randn(out_f, in_f), bs, dq)
+    w = dequantize_nf4(packed, st, dtype)
+    b = torch.randn(out_f).to(dtype)
+    for shape in [(1, in_f), (2, in_f), (in_f,), (2, 3, in_f), (9, in_f)]:
+        x, g = torch.randn(shape).to(dtype), torch.randn(*shape[:-1], out_f).to(dtype)
+        for bias in (None, b):
+            y, ref = nm.linear(x, packed, st, dtype, bias), F.linear(x, w, bias)
+            if in_f % bs:
+                assert torch.equal(y, ref)
+            close(y, ref, dtype)
+        gx, gref = nm.grad_input(g, packed, st, dtype), g @ w
+        if in_f % bs:
+            assert torch.equal(gx, gref)
+        close(gx, gref, dtype)
+    assert bool(nm._KEYS) == (in_f % bs == 0) and nm._COMPILE == [True]  # the GEMV ran compiled
+
+
+def test_row_chunk_decoder_is_bit_exact(small_chunks):
+    """Row chunks decoded by decode_blocks (strided bytes, reused buffers) == dequantize_nf4."""
+    packed, st = quantize_nf4(torch.randn(77, 192), 64)
+    p3 = nm._layout(packed, st, 1)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        rows = [w.clone() for _, w in nm._row_chunks(p3, st, dtype)]
+        assert len(rows) > 2 and torch.equal(torch.cat(rows), dequantize_nf4(packed, st, dtype))
+
+
+def test_gemv_building_blocks_exact():
+    """The select tree returns each NF4 code exactly; the bit-level bf16 rounding equals a cast
+    (ties to even, carries into the exponent, subnormals, signs)."""
+    q = torch.arange(16, dtype=torch.int32)
+    assert torch.equal(nm._code(q), NF4_CODE)
+    u = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, 1 - 2**-9, 3.3895e38, 1e-40, -2.5e-3, 0.0])
+    w = torch.cat([u, -u, torch.randn(10000) * torch.logspace(-30, 30, 10000)])
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        assert torch.equal(nm._round(w, dt), w.to(dt).float())
+
+
+def test_compile_unavailable_or_tracing_falls_back(small_chunks, monkeypatch):
+    """A failing torch.compile warns once and the eager row chunks answer; while torch.compile
+    traces the caller the dense op runs (bit-exact); ADAPTKIT_NF4_COMPILE-off skips the GEMV."""
+    packed, st = quantize_nf4(torch.randn(64, 128), 64)
+    x = torch.randn(1, 128)
+    ref = F.linear(x, dequantize_nf4(packed, st))
+
+    def broken(*a, **k):
+        raise RuntimeError("no C++ compiler")
+    monkeypatch.setattr(nm, "_KERNEL", [broken])
+    monkeypatch.setattr(nm, "_KEYS", set())
+    with pytest.warns(RuntimeWarning, match="GEMV failed"):
+        close(nm.linear(x, packed, st, torch.float32), ref, torch.float32)
+    assert nm._COMPILE == [False]
+    close(nm.linear(x, packed, st, torch.float32), ref, torch.float32)  # no second warning
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert torch.equal(nm.linear(x, packed, st, torch.float32), ref)
+    assert nm._layout(packed, st, 1) is None
+
+
+@pytest.mark.parametrize("cd", [torch.float32, torch.bfloat16])
+def test_nf4linear_chunked_forward_and_grads_equal_dense(small_chunks, cd):
+    """NF4Linear at the sizes that take the fast paths: inference (GEMV, row chunks) and
+    training (input and bias gradients) equal nn.Linear on the dequantised weight."""
+    torch.manual_seed(0)
+    q = NF4Linear.from_linear(torch.nn.Linear(128, 96), compute_dtype=cd)
+    dense = torch.nn.Linear(128, 96).to(cd)
+    with torch.no_grad():
+        dense.weight.copy_(q.dequantize()), dense.bias.copy_(q.bias.to(cd))
+    q.bias.requires_grad_(True)
+    for shape in [(1, 128), (2, 7, 128)]:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            close(q(x), dense(x.to(cd)).float(), cd)
+        xa, xb = x.clone().requires_grad_(), x.to(cd).requires_grad_()
+        ya, yb = q(xa), dense(xb)
+        close(ya, yb.float(), cd)
+        ga = torch.randn_like(ya)
+        ya.backward(ga), yb.backward(ga.to(cd))
+        close(xa.grad, xb.grad.float(), cd)
+        close(q.bias.grad.to(cd), dense.bias.grad, cd)
+        q.bias.grad = dense.bias.grad = None
