@@ -305,7 +305,9 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
                             f"NF4 scales by the block absmax and needs finite values")
     state = NF4State(absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=bs)
     if double_quant:
-        offset = absmax.mean()  # fp32 scalar, as bnb (same torch reduction)
+        # fp32 scalar, as bnb (same torch reduction), always on the CPU: CUDA sums in another
+        # order, and a last-bit change would make a GPU-quantised base differ from the CPU's
+        offset = absmax.cpu().mean().to(absmax.device)
         q8, nested = blockwise_index(absmax - offset, DYN_MID, nested_blocksize)
         state.absmax, state.nested_absmax = q8.to(torch.uint8), nested
         state.offset, state.nested_blocksize = offset, nested_blocksize
