@@ -6,7 +6,9 @@
 Variants per layer shape (every adapter at rank r, alpha = 2r, fp32):
   base          the frozen nn.Linear
   lora          ak.LoRA (default init)
-  lorampo       ak.LoRAMPO mode "kron": einsum forward over x.view(..., i1, i2)
+  lorampo       ak.LoRAMPO mode "kron", its own route choice at this token count (einsum over
+                x.view(..., i1, i2), or ΔW built from the cores and one dense matmul)
+  lorampo-einsum  the same adapter held to the einsum route (dense_from = inf)
   lorampo-lora  ak.LoRAMPO mode "lora" (degenerate shapes, = PiSSA)
   kron-dense    the same "kron" adapter run through its dense delta, F.linear(x, W + s ΔW):
                 what a forward that materialises the Kronecker sum would cost
@@ -16,9 +18,10 @@ high-water mark of live tensor bytes (parameters, optimizer state, input and eve
 step allocates, from the profiler's CPU allocator records); ``init ms`` ak.inject (the SVD /
 Kronecker SVD of W; the header also gives it for ``init_niter=4``, the randomized SVD); ``err`` max |y - dense reference| of the adapted forward. Timings are
 medians over rounds that call every variant once, in an order rotated each round.
-Cost model printed per shape: the einsum path costs ``r*(in*o2 + out*i1)`` multiply-adds per
-token (the cheaper contraction order), building ``s ΔW`` costs ``r*out*in`` once per call, so
-past ``crossover_tokens`` tokens per call the dense delta does less arithmetic.
+Cost model printed per shape: the einsum path costs ``F = r*(in*o2 + out*i1)`` multiply-adds per
+token (the cheaper contraction order), the dense route ``D = out*in`` per token plus building ΔW;
+``dense_from`` is the adapter's own crossover, ``3 r D / (2 F - D)`` tokens (see
+adaptkit/methods/lorampo.py), and ``route`` the one it takes at ``--tokens``.
 Standalone: needs only torch and adaptkit; writes runs/bench_lorampo[_quick].json.
 """
 from __future__ import annotations
@@ -81,12 +84,22 @@ def bench_shape(out: int, inp: int, rank: int, tokens: int, warmup: int, repeats
                             # multiply-adds: the einsum path per token vs building s ΔW once
                             "einsum_macs_per_token": per_token,
                             "dense_delta_macs_per_call": rank * out * inp,
-                            "crossover_tokens": rank * out * inp / per_token}
+                            "dense_from": ad.dense_from,
+                            "route": "dense" if tokens >= ad.dense_from else "einsum"}
         models[name] = m
     m = copy.deepcopy(base)  # the randomized Kronecker SVD init: timed only
     t = time.perf_counter()
     ak.inject(m, ak.LoRAMPO(rank=rank, alpha=2 * rank, init_niter=4, targets="proj"))
     shapes["lorampo"]["init_ms_init_niter_4"] = (time.perf_counter() - t) * 1e3
+    models["lorampo-einsum"] = copy.deepcopy(models["lorampo"])
+    models["lorampo-einsum"].proj.adapters["default"].dense_from = float("inf")
+    params["lorampo-einsum"], init_ms["lorampo-einsum"] = params["lorampo"], None
+    for name in ("lorampo", "lorampo-einsum"):  # each route at the timed token count
+        layer = models[name].proj
+        with torch.no_grad():
+            x_all = torch.randn(tokens, inp)
+            ref = F.linear(x_all, layer.dense_weight(["default"]), layer.bias)
+            err[name] = (models[name](x_all) - ref).abs().max().item()
     models["kron-dense"] = DenseKron(models["lorampo"])
     params["kron-dense"], init_ms["kron-dense"], err["kron-dense"] = params["lorampo"], None, 0.0
     params["base"], init_ms["base"], err["base"] = 0, None, 0.0
@@ -142,8 +155,8 @@ def main(argv=None) -> dict:
         lr = res["rows"]["lora"]
         sh = res["lorampo_shapes"]["lorampo"]
         print(f"\nLinear({inp} -> {out}), rank {args.rank}, {tokens} tokens; lorampo out_shape "
-              f"{sh['out_shape']} in_shape {sh['in_shape']} ({sh['order']}); the einsum path does "
-              f"fewer multiply-adds than building ΔW below {sh['crossover_tokens']:.0f} tokens; "
+              f"{sh['out_shape']} in_shape {sh['in_shape']} ({sh['order']}); dense route from "
+              f"{sh['dense_from']:.0f} tokens, taken here: {sh['route']}; "
               f"init with init_niter=4: {sh['init_ms_init_niter_4']:.1f} ms")
         print(f"{'variant':14s} {'fwd ms':>8s} {'train ms':>9s} {'x lora':>7s} {'peak MiB':>9s} "
               f"{'params':>9s} {'init ms':>8s} {'err':>8s}")

@@ -35,14 +35,19 @@ is ``lora_A`` (r, in). The init is taken from ``adaptkit.methods.lora`` (PiSSA) 
 and the residual equal LoRA's bit for bit (the Kronecker SVD gives the same up to the sign of
 each component).
 
-Forward (never materialises ΔW): the input is factored as ``x.view(..., i1, i2)`` and contracted
-with one core at a time by einsum; of the two orders the cheaper one is used,
-``B`` first: ``r*(in*o2 + out*i1)`` multiply-adds per token, ``A`` first: ``r*(in*o1 + out*i2)``
-(the degenerate "lora" shapes run as two plain matmuls, ``r*(in + out)``, as LoRA). The largest
-temporary is ``(tokens, i1, r, o2)`` or ``(tokens, r, o1, i2)``. Cost note: for a square d x d
-layer with balanced factors that is ``2 r d^1.5`` per token against ``r d^2`` to build ΔW once, so
-past about ``sqrt(d)/2`` tokens per call (14 at d = 768, 32 at d = 4096) the factored forward
-does more arithmetic than a dense delta would; benchmarks/bench_lorampo.py measures both.
+Forward: the cheaper of two exact routes for the call's token count N.
+Factored (never materialises ΔW): the input is viewed as ``x.view(N, i1, i2)`` and contracted
+with one core at a time by einsum, in the cheaper order: ``B`` first costs
+``F = r*(in*o2 + out*i1)`` multiply-adds per token, ``A`` first ``r*(in*o1 + out*i2)`` (the
+degenerate "lora" shapes run as two plain matmuls, ``r*(in + out)``, as LoRA); the largest
+temporary is ``(N, i1, r, o2)`` or ``(N, r, o1, i2)``. Dense: build ``ΔW`` (out, in) from the
+cores (``r*out*in``) and run one ``F.linear`` (``D = out*in`` per token). For a square d x d layer
+with balanced factors ``F = 2 r d^1.5`` against ``D = d^2``. The choice uses a cost model fitted
+on CPU (fwd + bwd, 7 layer shapes, ranks 4-16, 1-256 tokens): an einsum multiply-add costs about
+twice a GEMM's (its temporary is permuted and re-read), and ΔW with its backward about
+``3 r D``; so the dense route runs from ``dense_from = 3 r D / (2 F - D)`` tokens when
+``2 F > D`` (36 tokens for 768 x 768 at rank 16, 72 for 3072 x 768; never at rank 4, nor for
+4096 x 4096 at rank 16, where the factored route stays cheaper up to ~800 tokens).
 ``delta_weight`` builds the dense fp32 ``s ΔW``; merge / unmerge add / subtract it (the Adapter
 defaults). Kinds: ``nn.Linear`` and GPT-2's transposed ``Conv1D``.
 
@@ -217,6 +222,9 @@ class LoRAMPOAdapter(Adapter):
         out, inp = o1 * o2, i1 * i2
         # contraction order of the forward: multiply-adds per token per rank (module docstring)
         self.b_first = inp * o2 + out * i1 <= inp * o1 + out * i2
+        f, d = rank * min(inp * o2 + out * i1, inp * o1 + out * i2), out * inp  # MACs per token
+        # tokens per call from which building ΔW and one dense matmul is faster (docstring)
+        self.dense_from = 3 * rank * d / (2 * f - d) if 2 * f > d and mode == "kron" else float("inf")
         self.reset(layer)
 
     @torch.no_grad()
@@ -265,6 +273,13 @@ class LoRAMPOAdapter(Adapter):
             # degenerate "lora" shapes: the two contractions below are plain LoRA matmuls
             h = F.linear(x, B.view(B.shape[0], i2))          # (..., in) @ (in, r) -> (..., r)
             z = F.linear(h, A.view(o1, A.shape[2]))          # (..., r) @ (r, out) -> (..., out)
+            return y.add(z.to(y.dtype), alpha=self.scale)
+        n = x.numel() // (i1 * i2)                           # tokens in this call
+        if n >= self.dense_from:                             # one GEMM beats two einsums here
+            r = A.shape[2]
+            d = A.reshape(o1 * i1, r) @ B.reshape(r, o2 * i2)  # (o1*i1, o2*i2): R[(a, c), (b, d)]
+            d = d.view(o1, i1, o2, i2).permute(0, 2, 1, 3)   # (o1, i1, o2, i2) -> (o1, o2, i1, i2)
+            z = F.linear(x, d.reshape(o1 * o2, i1 * i2))     # (..., in) @ ΔW^T -> (..., out)
             return y.add(z.to(y.dtype), alpha=self.scale)
         xf = x.reshape(-1, i1, i2)                           # (..., in) -> (N, i1, i2)
         if self.b_first:

@@ -131,7 +131,7 @@ SHAPES = [  # (out, in, out_shape, in_shape, mode)
 
 
 @pytest.mark.parametrize("out,inp,oshape,ishape,mode", SHAPES)
-@pytest.mark.parametrize("order", ["auto", "a_first", "b_first"])
+@pytest.mark.parametrize("order", ["auto", "a_first", "b_first", "dense"])
 def test_forward_equals_dense_reference(out, inp, oshape, ishape, mode, order):
     model = Net(_linear(out, inp))
     ak.inject(model, ak.LoRAMPO(rank=3, alpha=5.0, mode=mode, out_shape=oshape, in_shape=ishape,
@@ -139,12 +139,39 @@ def test_forward_equals_dense_reference(out, inp, oshape, ishape, mode, order):
     _randomise(model)
     layer = model.layers[0]
     ad = layer.adapters["default"]
-    if order != "auto":
+    if order != "auto":  # force one route: a factored order, or the dense ΔW matmul
         ad.b_first = order == "b_first"
+        ad.dense_from = 0 if order == "dense" else float("inf")
     torch.testing.assert_close(ad.delta_weight(layer).double(), _kron_ref(ad), rtol=1e-5, atol=1e-6)
     x = torch.randn(2, 3, inp)
     want = nn.functional.linear(x.double(), layer.weight.double() + _kron_ref(ad), layer.bias.double())
     torch.testing.assert_close(layer(x).double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_route_from_the_token_count_where_it_is_cheaper():
+    # (32, 32) -> (4, 8) x (4, 8): factored F = r*(32*8 + 32*4) = 384 r MACs per token, dense
+    # D = 1024; the cost model's crossover 3 r D / (2 F - D) at rank 8: 24576 / 5120 = 4.8 tokens
+    model = Net(_linear(32, 32))
+    ak.inject(model, ak.LoRAMPO(rank=8, alpha=3.0, targets=r"layers\.0"))
+    _randomise(model)
+    layer = model.layers[0]
+    ad = layer.adapters["default"]
+    assert ad.dense_from == pytest.approx(4.8)
+    calls = []
+    real = torch.einsum
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "einsum", lambda *a, **k: calls.append(1) or real(*a, **k))
+        for n, factored in ((4, True), (5, False), (64, False)):
+            calls.clear()
+            x = torch.randn(n, 32)
+            want = nn.functional.linear(x.double(), layer.weight.double() + _kron_ref(ad),
+                                        layer.bias.double())
+            torch.testing.assert_close(layer(x).double(), want, rtol=1e-5, atol=1e-5)
+            assert bool(calls) == factored, n
+    # a low rank never goes dense: 2 F <= D
+    m2 = Net(_linear(32, 32))
+    ak.inject(m2, ak.LoRAMPO(rank=1, targets=r"layers\.0"))
+    assert m2.layers[0].adapters["default"].dense_from == float("inf")
 
 
 def test_contraction_order_is_the_cheaper_one():
