@@ -30,3 +30,14 @@ class Conv1D(nn.Module):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """For modules of tiny tensors (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    extra OpenMP threads only add synchronisation (30x slower QR / SVD on a loaded 2-core
+    machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -17,18 +17,10 @@ import adaptkit as ak
 from adaptkit.layer import AdaptedLayer
 
 tf = pytest.importorskip("transformers")
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 VOCAB, T = 64, 8
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: extra threads only add synchronisation on the shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ---- models ---------------------------------------------------------------------------------

@@ -13,8 +13,7 @@ The base W (out, in) is held in NF4 (:mod:`adaptkit.nf4`, bit-identical to bitsa
     offset         fp32 []                   (double quantisation only)
 
 i.e. 4 + 8/64 + 32/(64*256) ≈ 4.127 bits per weight with double quantisation, 4.5 without.
-The adapters are LoRA's / DoRA's own classes (lora_A (r, in), lora_B (out, r), DoRA's
-lora_magnitude (out,)) in the compute dtype; ``delta_weight = s B A`` (out, in) in fp32.
+Adapters (compute dtype): LoRA's lora_A (r, in), lora_B (out, r); DoRA's lora_magnitude (out,).
 
 Forward dequantises W to ``compute_dtype`` (default: the dtype W had when quantised; the
 QLoRA paper uses bfloat16), runs F.linear there and returns the input's dtype. In training
@@ -24,14 +23,13 @@ no dense copy of a frozen weight). The dense reference of invariant 1 is the deq
 Keys (DESIGN invariant 3, the documented exception): injecting QLoRA replaces the float
 ``<path>.weight`` by the packed bytes under the same key plus ``<path>.absmax`` /
 ``nested_absmax`` / ``offset``. A float base checkpoint still loads (``load_state_dict``
-quantises a float ``weight`` the way inject does: same bytes every time), and ``ak.merge``
-gives back ``nn.Linear`` with the original keys.
+quantises a float ``weight`` as inject does: same bytes every time); ``ak.merge`` gives
+back ``nn.Linear`` with the original keys.
 
-Merge: in place, the packed bytes stay and a dense merged weight (compute dtype, a
-non-persistent buffer) serves forward, so unmerge is exact. ``ak.merge(model)`` returns a
-dense ``nn.Linear`` in the compute dtype (dequantised W + delta, summed in fp32), never a
-silently re-quantised one (PEFT re-quantises, moving outputs ~10%). ``ak.merge(model,
-requantize=True)`` re-quantises and records the output drift it caused (``requant_drift``).
+Merge: in place, the bytes stay and a dense merged weight (a non-persistent buffer) serves
+forward, so unmerge is exact. ``ak.merge(model)`` returns a dense ``nn.Linear`` in the compute
+dtype (deq(W) + delta summed in fp32), never a silently re-quantised one (PEFT's moves outputs
+~10%); ``requantize=True`` re-quantises and records the drift it caused (``requant_drift``).
 """
 from __future__ import annotations
 

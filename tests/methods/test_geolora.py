@@ -25,14 +25,7 @@ class MLP(nn.Module):
         return x
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The matrices here are tiny: extra OpenMP threads only add synchronisation (30x slower
-    QR / SVD on a loaded 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest)
 
 
 def _geo(model, name="default"):

@@ -14,13 +14,7 @@ from adaptkit.methods.mora import (MORA_TYPES, ReMoRA, apply_mora_linear,
                                    r_hat_for, rope_tables, update_model_mora_linear)
 from conftest import Conv1D
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP barrier stalls on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest)
 
 
 SHAPES = [(64, 64), (64, 96), (96, 64), (100, 70), (16, 64)]  # the last: in < r̂
