@@ -157,8 +157,9 @@ def cmd_inspect(args) -> None:
 def merge_layer(spec: AdapterSpec, path: str, d: dict, weight: torch.Tensor, tensors: dict):
     """(fp32 merged weight, the adapter's tensor keys) of one layer, exactly as ``ak.load``
     then ``ak.merge`` compute it: build, layer state, attach (residual inits), tensors,
-    ``merge_weight`` in fp32 on a stand-in layer holding a copy of the base weight."""
-    layer = stand_in(d["kind"], d["shape"], weight.clone())
+    ``merge_weight`` in fp32 on a stand-in layer holding a copy of the base weight (for
+    QLoRA its NF4 quantisation: the merge adds the delta to the dequantised weight)."""
+    layer = stand_in(d["kind"], d["shape"], weight.clone(), lambda m: spec.prepare_base(m, path))
     a = spec.build(layer, path)
     a.load_layer_state(d.get("state", {}), path)
     names = {k: f"{path}.{k}" for k in a.state_dict()}
@@ -172,7 +173,7 @@ def merge_layer(spec: AdapterSpec, path: str, d: dict, weight: torch.Tensor, ten
         except RuntimeError as e:  # torch's size-mismatch report
             raise AdaptkitError(f"'{path}': the adapter's tensors do not fit its spec "
                                 f"({' '.join(str(e).split())[:300]})") from None
-        merged = a.merge_weight(layer, layer.weight.float())
+        merged = a.merge_weight(layer, layer.dense_weight())
     if not torch.isfinite(merged).all():
         raise AdaptkitError(f"non-finite merged weight at '{path}'; nothing was written")
     return merged, set(names.values())

@@ -17,7 +17,7 @@ import torch.nn as nn
 from .errors import AdaptkitError
 from .layer import AdaptedLayer, adapted_layers, base_kind, wrap
 from .spec import AdapterSpec
-from .targets import saved_modules, select
+from .targets import read_by_parent, saved_modules, select
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 
@@ -70,6 +70,11 @@ def plan(model: nn.Module, spec: AdapterSpec, name: str, paths: list[str] | None
         if kind is None or not spec.supports(kind):
             errors.append(f"{type(spec).__name__} cannot adapt '{path}' ({type(m).__name__}); "
                           f"exclude it or narrow targets")
+            continue
+        if read_by_parent(model, path):
+            errors.append(f"'{path}' is an nn.MultiheadAttention's out_proj, whose weight the "
+                          f"attention reads without calling it, so an adapter there would be "
+                          f"ignored; exclude it (or build the attention from nn.Linear layers)")
             continue
         try:
             layer = wrap(spec.prepare_base(m, path))  # QLoRA: an NF4 copy of a float Linear

@@ -179,8 +179,9 @@ def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[
             problems.append(f"module '{p}' is in the file but not in the model")
             continue
         if base_kind(m) != d.get("kind") or weight_shape(m) != d.get("shape"):
+            shape = weight_shape(m) if base_kind(m) else "no"
             problems.append(f"'{p}': file has {d.get('base')} weight {d.get('shape')}, model has "
-                            f"{type(m).__name__} weight {list(getattr(m, 'weight', torch.empty(0)).shape)}")
+                            f"{type(m).__name__} weight {shape}")
     if problems:
         raise AdaptkitError(f"load '{path}': " + "; ".join(problems) + ". Nothing was loaded")
     built, extras = plan(model, spec, name, paths=list(adapted),

@@ -317,10 +317,11 @@ class _Conv1D(nn.Module):
 _Conv1D.__name__ = "Conv1D"
 
 
-def stand_in(kind: str, shape, weight: torch.Tensor | None = None) -> AdaptedLayer:
+def stand_in(kind: str, shape, weight: torch.Tensor | None = None, prepare=None) -> AdaptedLayer:
     """A wrapped base of ``kind`` with weight ``shape`` and no model around it (a meta weight
     unless ``weight`` is given): enough for ``spec.build`` / ``delta_weight`` /
     ``merge_weight`` from a file's layer table (``ak.peft_compat``, the command line).
+    ``prepare(module)`` runs before wrapping (``spec.prepare_base``: QLoRA quantises there).
     Conv geometry beyond the weight shape enters no delta."""
     s = tuple(shape)
     convs = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}
@@ -332,4 +333,4 @@ def stand_in(kind: str, shape, weight: torch.Tensor | None = None) -> AdaptedLay
          "conv": lambda: convs[len(s)](s[1], s[0], s[2:], bias=False, device="meta")}[kind]()
     if weight is not None:
         m.weight = nn.Parameter(weight, requires_grad=False)
-    return wrap(m)
+    return wrap(prepare(m) if prepare else m)

@@ -108,11 +108,24 @@ def _alloc(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.empty(n, dtype=_NP[dtype])).view(dtype)  # [n] (16-bit: bit view)
 
 
+_B = torch.arange(256)
+_PAIRS = torch.stack([NF4_CODE[_B >> 4], NF4_CODE[_B & 15]], 1).view(torch.int64).reshape(256)
+_TABLES: dict = {}  # (name, device) -> the table there: no host-to-device copy per call
+
+
+def _on(name: str, table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``table`` on ``device``, copied once per device (not while torch.compile traces)."""
+    if torch.compiler.is_compiling() or device.type == "cpu":
+        return table.to(device)
+    key = (name, device)
+    if key not in _TABLES:
+        _TABLES[key] = table.to(device)
+    return _TABLES[key]
+
+
 def _pair_table(device: torch.device) -> torch.Tensor:
     """[256] int64: byte -> (code[hi], code[lo]) as one 8-byte word, for one gather per byte."""
-    b = torch.arange(256)
-    pairs = torch.stack([NF4_CODE[b >> 4], NF4_CODE[b & 15]], 1)  # [256, 2] fp32
-    return pairs.contiguous().view(torch.int64).reshape(256).to(device)  # [256] int64
+    return _on("pairs", _PAIRS, device)  # [256, 2] fp32 viewed as [256] int64
 
 
 @dataclass
@@ -144,7 +157,7 @@ class NF4State:
         """fp32 absmax per block, ``DYNAMIC_CODE[q8]·nested_absmax + offset`` if nested."""
         if not self.double_quant:
             return self.absmax
-        code = DYNAMIC_CODE.to(self.absmax.device)[self.absmax.long()]  # [nblocks]
+        code = _on("dynamic", DYNAMIC_CODE, self.absmax.device)[self.absmax.long()]  # [nblocks]
         nb = self.nested_blocksize
         full = code.numel() // nb * nb
         out = torch.empty_like(code)  # [nblocks]; bnb multiplies in fp32, then adds offset

@@ -74,6 +74,13 @@ def output_head(model: nn.Module) -> str | None:
     return last
 
 
+def read_by_parent(model: nn.Module, path: str) -> bool:
+    """True for a module whose parent reads its weight directly instead of calling it
+    (``nn.MultiheadAttention.out_proj``): a wrapper there would be silently bypassed."""
+    parent = path.rpartition(".")[0]
+    return isinstance(model.get_submodule(parent) if parent else None, nn.MultiheadAttention)
+
+
 def select(model: nn.Module, spec) -> list[str]:
     """Paths of the modules ``spec`` adapts, in ``named_modules()`` order (no side effects).
 
@@ -85,7 +92,7 @@ def select(model: nn.Module, spec) -> list[str]:
         if not path or _inside_wrapper(path, model):
             continue
         if all_linear:
-            if base_kind(m) not in ("linear", "conv1d_t") or path == head:
+            if base_kind(m) not in ("linear", "conv1d_t") or path == head or read_by_parent(model, path):
                 continue
         elif not matches(spec.targets, path):
             continue

@@ -86,9 +86,10 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
         raise AdaptkitError(f"adaptkit.nf4.save: adapters are merged in place at {merged[:3]}; "
                             f"ak.unmerge(model) first, so the base weights are saved")
     tensors, layers = {}, {}
+    skip = tuple(_key(p, "adapters.") for p, _ in adapted_layers(model))  # ak.save writes those
     for k, t in model.state_dict().items():
         mod, _, leaf = k.rpartition(".")
-        if ".adapters." in f".{k}" or (mod in nf4 and leaf in _OWN):
+        if (skip and k.startswith(skip)) or (mod in nf4 and leaf in _OWN):
             continue
         tensors[k] = t
     for p, m in nf4.items():
@@ -159,12 +160,16 @@ def load(model: nn.Module, path: str | os.PathLike) -> list[str]:
         bool(unexpected) + [f"mis-shaped tensors [{'; '.join(shaped)}]"] * bool(shaped)
     if problems:
         raise AdaptkitError(f"{where}: " + "; ".join(problems) + ". Nothing was loaded")
+    # every name of every tensor (tied weights have several), looked up before any swap; the
+    # NF4 layers keep the model's bias Parameters, so these stay the tensors to fill
+    targets = {**dict(model.named_parameters(remove_duplicate=False)),
+               **dict(model.named_buffers(remove_duplicate=False))}
+    dest = [(targets[k], v) for k, v in rest.items()]
     for p, q in built.items():
         model.set_submodule(p, q)
     with torch.no_grad():
-        params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-        for k, v in rest.items():
-            params[k].copy_(v)
+        for t, v in dest:
+            t.copy_(v)
     return list(layers)
 
 
