@@ -35,11 +35,10 @@ SPECS = {
     "lokr_full": lambda **kw: ak.LoKr(rank=8, alpha=3.0, targets=ALL, **kw),
     "mora": lambda **kw: ak.MoRA(rank=3, mora_type=6, targets=r"proj|out", **kw),
     "mora1": lambda **kw: ak.MoRA(rank=3, mora_type=1, targets=r"proj|out", **kw),
+    # NF4 base: Linear only
+    "qlora": lambda **kw: ak.QLoRA(rank=3, alpha=5.0, blocksize=8, targets="proj", **kw),
+    "qdora": lambda **kw: ak.QLoRA(rank=3, alpha=5.0, blocksize=8, use_dora=True, targets="proj", **kw),
 }
-if hasattr(ak, "QLoRA"):  # NF4 base: Linear only
-    SPECS["qlora"] = lambda **kw: ak.QLoRA(rank=3, alpha=5.0, blocksize=8, targets="proj", **kw)
-    SPECS["qdora"] = lambda **kw: ak.QLoRA(rank=3, alpha=5.0, blocksize=8, use_dora=True,
-                                           targets="proj", **kw)
 
 
 @pytest.fixture(autouse=True)

@@ -94,9 +94,15 @@ METHODS = {
     "geolora": (lambda: ak.GeoLoRA(rank=4, max_rank=8, targets="all-linear"), None, 1e-5),
     # residual (PiSSA-style) init: the output is equal up to the rounding of W - s ΔW
     "lorampo": (lambda: ak.LoRAMPO(rank=2, alpha=4, targets="all-linear"), 1e-5, 1e-5),
+    # NF4 base: at init the output equals the same model disabled (the dequantised base);
+    # merge builds a dense weight from the dequantised W + ΔW (measured diffs 1e-7..5e-7)
+    "qlora": (lambda: ak.QLoRA(rank=4, alpha=8, targets="all-linear"), None, 1e-5),
 }
-if hasattr(ak, "QLoRA"):  # NF4 base: compare against the dequantised model, merge is lossy
-    METHODS["qlora"] = (lambda: ak.QLoRA(rank=4, alpha=8, targets="all-linear"), None, None)
+# QLoRA vs the float model: bound on ||out - ref|| / ||ref|| at init. Measured (seeded
+# models): llama 0.056, bert_cls 0.136 (tiny logits), bert 0.0028. A dropped double-quant
+# offset gives 0.39 / 1.03 / 0.021, swapped nibbles 0.52 / 1.12 / 0.024, and each block
+# scaled by its neighbour's absmax 0.111 / 0.173 / 0.0068.
+QLORA_REL_ERR = {"llama": 0.08, "bert_cls": 0.16, "bert": 0.004}
 
 # QLoRA quantises nn.Linear only: GPT-2's transposed Conv1D stays float (and is refused, below)
 CASES = [(m, k) for m in MODELS for k in METHODS if (m, k) != ("gpt2", "qlora")]
@@ -145,6 +151,8 @@ def test_init_train_step_and_loss(model, method):
         out = output(m, model, b)
     tol = METHODS[method][1]
     if method == "qlora":  # the base is NF4 now: the reference is the same model, disabled
+        rel = ((out - ref).norm() / ref.norm()).item()
+        assert rel < QLORA_REL_ERR[model], f"NF4 model vs float: relative error {rel:.4f}"
         with torch.no_grad(), ak.disabled(m):
             ref = output(m, model, b)
     if tol is None:
@@ -210,9 +218,7 @@ def test_merge_restores_plain_model(model, method):
     assert all(p.requires_grad for p in merged.parameters())  # the original flags are back
     with torch.no_grad():
         out = output(merged, model, b)
-    tol = METHODS[method][2]
-    if tol is not None:
-        torch.testing.assert_close(out, adapted, atol=tol, rtol=1e-5)
+    torch.testing.assert_close(out, adapted, atol=METHODS[method][2], rtol=1e-5)
     plain.load_state_dict(merged.state_dict(), strict=True)  # a plain checkpoint again
 
 
@@ -279,7 +285,7 @@ def _grads(model, method, gc=None, hf_hook=False, before_inject=False):
     return m, {n: p.grad for n, p in adapter_params(m).items()}
 
 
-GC_METHODS = [k for k in METHODS if k != "qlora"]
+GC_METHODS = list(METHODS)
 
 
 @pytest.mark.parametrize("reentrant", [True, False])
