@@ -6,6 +6,7 @@ same assertions on a GPU (the model is built on the CPU, moved, trained there, s
 loaded back into a CPU model)."""
 import copy
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,16 +115,53 @@ def test_autocast_bf16_training_step(method):
         assert (g - ref[n]).norm() <= 0.05 * ref[n].norm() + 1e-6, n
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_nf4_bytes_do_not_depend_on_the_device(dtype):
-    """The packed bytes and state on DEVICE equal the CPU's (which equal bitsandbytes', see
-    tests/methods/test_nf4.py), so adapters trained on a GPU load onto a CPU base and back."""
-    w = torch.randn(96, 70, dtype=dtype)  # 70: rows cross block boundaries
-    p_cpu, s_cpu = quantize_nf4(w)
-    p_dev, s_dev = quantize_nf4(w.to(DEVICE))
-    assert torch.equal(p_dev.cpu(), p_cpu)
-    assert torch.equal(s_dev.absmax.cpu(), s_cpu.absmax)
-    assert torch.equal(s_dev.nested_absmax.cpu(), s_cpu.nested_absmax)
-    deq = dequantize_nf4(p_dev, s_dev, torch.float32)
+VECTORS = Path(__file__).parent / "data" / "nf4_vectors.safetensors"  # bitsandbytes 0.50.2 CPU
+
+
+@pytest.fixture(scope="module")
+def vec():
+    from safetensors.torch import load_file
+    return load_file(str(VECTORS))
+
+
+@pytest.mark.parametrize("p", ["a", "e", "o", "b"])
+def test_nf4_single_quant_on_device_matches_bitsandbytes_vectors(vec, p):
+    """Quantised on DEVICE, the bytes, absmax and dequantised values are bnb's golden CPU
+    vectors (a: random, e: midpoint ties and a zero block, o: 67 elements = partial tail,
+    b: bf16), so adapters trained on a GPU load onto a CPU base and back."""
+    x = (vec["b_input_bf16"] if p == "b" else vec[f"{p}_input"]).to(DEVICE)
+    want = vec["b_dequant_bf16"] if p == "b" else vec[f"{p}_dequant"]
+    packed, st = quantize_nf4(x, double_quant=False)
+    assert packed.device.type == st.absmax.device.type == DEVICE.type
+    assert torch.equal(packed.cpu(), vec[f"{p}_packed"])
+    assert torch.equal(st.absmax.cpu(), vec[f"{p}_absmax"])
+    out = dequantize_nf4(packed, st)
+    assert out.device.type == DEVICE.type and out.dtype == x.dtype
+    assert torch.equal(out.cpu(), want)
+
+
+def test_nf4_double_quant_on_device_matches_bitsandbytes_vectors(vec):
+    """Double quantisation on DEVICE: bytes, the uint8 absmax codes (exact nearest), the
+    nested fp32 absmax, the fp32 offset (reduced on the CPU, so a GPU sum order cannot move
+    its last bit) and the dequantised weight equal the golden vectors."""
+    packed, st = quantize_nf4(vec["d_input"].to(DEVICE))
+    assert torch.equal(packed.cpu(), vec["d_packed"])
+    assert torch.equal(st.absmax.cpu(), vec["d_qabsmax_exact"])
+    assert st.offset.shape == () and st.offset.device.type == DEVICE.type
+    assert torch.equal(st.offset.cpu(), vec["d_offset"])
+    assert torch.equal(st.nested_absmax.cpu(), vec["d_absmax2"])
+    deq = dequantize_nf4(packed, st)
     assert deq.device.type == DEVICE.type
-    assert torch.equal(deq.cpu(), dequantize_nf4(p_cpu, s_cpu, torch.float32))
+    assert torch.equal(deq.cpu(), vec["d_dequant_exact"])
+
+
+def test_nf4_fp16_on_device_equals_fp32_quantisation():
+    """fp16 -> fp32 is exact, so an fp16 weight on DEVICE quantises to the bytes and state of
+    its fp32 copy (whose quantiser the vectors above pin) and dequantises to their fp16 cast."""
+    w = torch.randn(96, 70).half()  # 70: rows cross block boundaries; 6720 = 105 blocks
+    p16, s16 = quantize_nf4(w.to(DEVICE))
+    p32, s32 = quantize_nf4(w.float())
+    assert torch.equal(p16.cpu(), p32)
+    for f in ("absmax", "nested_absmax", "offset"):
+        assert torch.equal(getattr(s16, f).cpu(), getattr(s32, f)), f
+    assert torch.equal(dequantize_nf4(p16, s16).cpu(), dequantize_nf4(p32, s32).half())
