@@ -52,7 +52,6 @@ import torch.nn as nn
 from .errors import AdaptkitError
 from .layer import adapted_layers
 from .methods.geolora import GeoLoRAAdapter
-from .methods.lorampo import LoRAMPOAdapter
 
 
 def _b_names(adapter: nn.Module) -> tuple[str, ...]:
@@ -60,8 +59,6 @@ def _b_names(adapter: nn.Module) -> tuple[str, ...]:
     own = getattr(adapter, "loraplus_b", None)
     if own is not None:
         return tuple(own)
-    if isinstance(adapter, LoRAMPOAdapter):
-        return ("mpo_A",) if adapter.mode == "lora" else ()
     return ("lora_B",)
 
 

@@ -273,7 +273,9 @@ def build_variants(base: nn.Module, targets, rank: int, methods: list[MethodRow]
     where PEFT has the method, ``<m>/peft``, each on its own deep copy of the base weights.
     Adapters are made non-trivial (:func:`nontrivial`) and, where the row has a ``sync``, PEFT
     gets the same adapter weights; the second value lists those methods (their two variants
-    compute the same function). PEFT keeps its own defaults (``get_peft_model``)."""
+    compute the same function). Like for like, PEFT's adapters take the base's dtype
+    (``autocast_adapter_dtype=False``; by default PEFT keeps them fp32 on a bf16 base, as adaptkit
+    does not), so a bf16 row times the same bf16 arithmetic on both sides."""
     base = base.to(device).requires_grad_(False)
     variants: dict[str, nn.Module] = {"base": base}
     synced: list[str] = []
@@ -284,7 +286,8 @@ def build_variants(base: nn.Module, targets, rank: int, methods: list[MethodRow]
         nontrivial(am)
         variants[f"{row.name}/adaptkit"] = am
         if row.peft_config is not None:
-            pm = peft.get_peft_model(copy.deepcopy(base), row.peft_config(targets, rank)).to(device)
+            pm = peft.get_peft_model(copy.deepcopy(base), row.peft_config(targets, rank),
+                                     autocast_adapter_dtype=False).to(device)
             if row.sync is not None:
                 row.sync(am, pm.base_model.model)
                 synced.append(row.name)

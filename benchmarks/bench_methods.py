@@ -39,9 +39,6 @@ def build(args, dt, peft):
     base.add_module("lin", nn.Linear(args.size, args.size))
     rows = C.pick_methods(C.method_rows(peft), METHODS)
     out, _ = C.build_variants(base.to(dtype=dt), "lin", args.rank, rows, peft, args.device)
-    for name, m in out.items():
-        if name.endswith("/peft"):
-            m.to(dtype=dt)
     return out
 
 

@@ -228,8 +228,10 @@ def main() -> None:
                     f"train step)", res, rat, f"ratios (train: LoRA targets adaptkit/base <= "
                     f"{TARGET_RATIO[args.dtype]}, adaptkit/peft <= 1.0)")
 
-    lora = rat.get("lora: adaptkit/base", {}).get("train")
-    vs_peft = rat.get("lora: adaptkit/peft", {}).get("train")
+    def steady(pair):  # the paired ratio (_common.paired) when measured, else medians'
+        r = rat.get(pair, {})
+        return r.get("train_paired") or r.get("train")
+    lora, vs_peft = steady("lora: adaptkit/base"), steady("lora: adaptkit/peft")
     merged = checks.get("lora", {}).get("merged_vs_unmerged")
     verdict = {
         "train_vs_base": None if lora is None else {"value": lora, "target": TARGET_RATIO[args.dtype],

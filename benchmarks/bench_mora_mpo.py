@@ -38,7 +38,7 @@ import torch.nn as nn
 import _common as C
 from _common import ak
 from adaptkit.merge import unmerge
-from adaptkit.methods.mora import apply_mora_linear
+from adaptkit.methods.mora_linear import apply_mora_linear
 
 TARGETS = r"layers\.\d+"
 

@@ -9,7 +9,8 @@ from .geolora_optim import GeoLoRAOptimizer
 from .dora import DoRA
 from .lokr import LoKr
 from .lorampo import LoRAMPO
-from .mora import MoRA, MoRALinear
+from .mora import MoRA
+from .mora_linear import MoRALinear
 from .qlora_nf4 import QLoRA
 
 __all__ = ["METHODS", "DoRA", "GeoLoRA", "GeoLoRAOptimizer", "LoKr", "LoRA", "LoRAMPO", "MoRA", "MoRALinear", "QLoRA"]

@@ -47,7 +47,8 @@ on CPU (fwd + bwd, 7 layer shapes, ranks 4-16, 1-256 tokens): an einsum multiply
 twice a GEMM's (its temporary is permuted and re-read), and ΔW with its backward about
 ``3 r D``; so the dense route runs from ``dense_from = 3 r D / (2 F - D)`` tokens when
 ``2 F > D`` (36 tokens for 768 x 768 at rank 16, 72 for 3072 x 768; never at rank 4, nor for
-4096 x 4096 at rank 16, where the factored route stays cheaper up to ~800 tokens).
+4096 x 4096 at rank 16, where 2 F = D: measured, the factored route stayed cheaper to 256
+tokens). The fit is CPU's; on other devices it is a reasonable default, not a measurement.
 ``delta_weight`` builds the dense fp32 ``s ΔW``; merge / unmerge add / subtract it (the Adapter
 defaults). Kinds: ``nn.Linear`` and GPT-2's transposed ``Conv1D``.
 
@@ -252,16 +253,22 @@ class LoRAMPOAdapter(Adapter):
         with torch.no_grad():  # W <- W - s ΔW_init: the residual keeps the output unchanged
             layer.weight.copy_(layer.weight.float() - self.delta_weight(layer))
 
-    def delta_weight(self, layer: AdaptedLayer) -> torch.Tensor:
-        """``s * sum_k kron(A[..., k], B[k])`` in fp32, native shape. Built as the rearranged
-        matrix ``R = A_mat @ B_mat`` (o1*i1, o2*i2) and un-interleaved, so the degenerate
-        "lora" shapes run exactly LoRA's ``s * (B @ A)``."""
+    @property
+    def loraplus_b(self) -> tuple[str, ...]:
+        """LoRA+'s B-like factor (adaptkit.optim): core 0 in "lora" mode (it is lora_B)."""
+        return ("mpo_A",) if self.mode == "lora" else ()
+
+    def _kron_sum(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """``sum_k kron(A[..., k], B[k])`` (out, in): the rearranged matrix ``R = A_mat @ B_mat``
+        (o1*i1, o2*i2), un-interleaved (the "lora" shapes give exactly ``B @ A``)."""
         (o1, o2), (i1, i2), r = self.out_shape, self.in_shape, self.rank
-        a = self.mpo_A.float().reshape(o1 * i1, r)           # (o1, i1, r) -> (o1*i1, r)
-        b = self.mpo_B.float().reshape(r, o2 * i2)           # (r, o2, i2) -> (r, o2*i2)
-        m = self.scale * (a @ b)                             # (o1*i1, o2*i2)
+        m = A.reshape(o1 * i1, r) @ B.reshape(r, o2 * i2)     # R[(a, c), (b, d)]: (o1*i1, o2*i2)
         d = m.view(o1, i1, o2, i2).permute(0, 2, 1, 3)       # (o1, i1, o2, i2) -> (o1, o2, i1, i2)
-        return layer.from_2d(d.reshape(o1 * o2, i1 * i2))    # (out, in) -> native
+        return d.reshape(o1 * o2, i1 * i2)                   # (out, in)
+
+    def delta_weight(self, layer: AdaptedLayer) -> torch.Tensor:
+        """``s * sum_k kron(A[..., k], B[k])`` in fp32, native shape."""
+        return layer.from_2d(self.scale * self._kron_sum(self.mpo_A.float(), self.mpo_B.float()))
 
     def apply(self, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
         A, B = self.mpo_A, self.mpo_B
@@ -276,10 +283,7 @@ class LoRAMPOAdapter(Adapter):
             return y.add(z.to(y.dtype), alpha=self.scale)
         n = x.numel() // (i1 * i2)                           # tokens in this call
         if n >= self.dense_from:                             # one GEMM beats two einsums here
-            r = A.shape[2]
-            d = A.reshape(o1 * i1, r) @ B.reshape(r, o2 * i2)  # (o1*i1, o2*i2): R[(a, c), (b, d)]
-            d = d.view(o1, i1, o2, i2).permute(0, 2, 1, 3)   # (o1, i1, o2, i2) -> (o1, o2, i1, i2)
-            z = F.linear(x, d.reshape(o1 * o2, i1 * i2))     # (..., in) @ ΔW^T -> (..., out)
+            z = F.linear(x, self._kron_sum(A, B))            # (..., in) @ ΔW^T -> (..., out)
             return y.add(z.to(y.dtype), alpha=self.scale)
         xf = x.reshape(-1, i1, i2)                           # (..., in) -> (N, i1, i2)
         if self.b_first:

@@ -9,13 +9,12 @@ default ``mora_type`` is 6 (the DESIGN signature). The update runs by reshapes a
 """
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import AdaptkitError
+from ..targets import matches
 from .mora import MoRA, _MoRAState, r_hat_for
 
 
@@ -136,11 +135,8 @@ def apply_mora_linear(model: nn.Module, targets=None, exclude=None, **kw) -> lis
     or list; default all) and not ``exclude`` for ``MoRALinear.from_linear(m, **kw)``.
     Subclasses of nn.Linear are left alone (e.g. MultiheadAttention's out_proj, whose owner
     reads its weight directly, would silently lose the update). Returns the paths."""
-    def hit(pats, p):
-        pats = [pats] if isinstance(pats, str) else pats
-        return any(re.fullmatch(q, p) for q in pats)
     paths = [p for p, m in model.named_modules() if p and type(m) is nn.Linear
-             and (targets is None or hit(targets, p)) and not (exclude and hit(exclude, p))]
+             and (targets is None or matches(targets, p)) and not matches(exclude, p)]
     if not paths:
         raise AdaptkitError(f"apply_mora_linear: no nn.Linear matches targets={targets!r} "
                             f"exclude={exclude!r} (the root module cannot be swapped in place; "

@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 
 import adaptkit as ak
-from adaptkit.methods.mora import (MORA_TYPES, ReMoRA, apply_mora_linear,
-                                   merge_and_reset_mora_linear, mora_delta, mora_update,
-                                   r_hat_for, rope_tables, update_model_mora_linear)
+from adaptkit.methods.mora import MORA_TYPES, mora_delta, mora_update, r_hat_for, rope_tables
+from adaptkit.methods.mora_linear import apply_mora_linear
+from adaptkit.methods.mora_remora import ReMoRA, merge_and_reset_mora_linear, update_model_mora_linear
 from conftest import Conv1D
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest)
