@@ -147,3 +147,23 @@ def test_merge_matches_ak_merge_for_other_methods_and_dtypes(tmp_path, spec, dty
                  "-o", str(tmp_path / "o.safetensors")]) == 0
     got, ref = load_file(tmp_path / "o.safetensors"), ak.merge(model).state_dict()
     assert set(got) == set(ref) and all(torch.equal(got[k], v) for k, v in ref.items())
+
+
+def test_merge_of_a_qlora_adapter_equals_ak_merge(tmp_path):
+    """The command line merges a QLoRA adapter onto the dequantised NF4 weight, as ak.merge."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 32))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "base.safetensors"))
+    ak.inject(model, ak.QLoRA(rank=4, alpha=6, targets=r"0|2"))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    ak.save(model, tmp_path / "ad.safetensors")
+    want = ak.merge(model).state_dict()
+    assert main(["merge", str(tmp_path / "base.safetensors"), str(tmp_path / "ad.safetensors"),
+                 "-o", str(tmp_path / "out.safetensors"), "-q"]) == 0
+    got = load_file(str(tmp_path / "out.safetensors"))
+    assert set(got) == set(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)

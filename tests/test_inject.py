@@ -246,3 +246,20 @@ def test_torch_save_of_a_whole_injected_model(spec, tmp_path, monkeypatch):
         torch.testing.assert_close(m2(x), m(x), rtol=0, atol=0)
     ak.save(m2, tmp_path / "a.safetensors")  # the adaptkit state came along
     assert isinstance(ak.merge(m2), LM)
+
+
+def test_multihead_attention_out_proj_is_never_adapted():
+    """nn.MultiheadAttention reads out_proj.weight without calling out_proj, so a wrapper there
+    would be bypassed: "all-linear" leaves it out, naming it explicitly is refused."""
+    m = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
+    paths = ak.inject(m, ak.LoRA(rank=2, alpha=3))
+    assert "self_attn.out_proj" not in paths and "linear1" in paths
+    x = torch.randn(2, 5, 16)
+    m(x).sum().backward()
+    assert all(p.grad is not None for n, p in m.named_parameters() if p.requires_grad)
+    m2 = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    before = copy.deepcopy(m2.state_dict())
+    with pytest.raises(ak.AdaptkitError, match=r"'self_attn\.out_proj' is an nn\.MultiheadAttention"):
+        ak.inject(m2, ak.LoRA(rank=2, targets=r"self_attn\.out_proj|linear1"))
+    assert not any(isinstance(x, AdaptedLayer) for x in m2.modules())
+    assert all(torch.equal(before[k], v) for k, v in m2.state_dict().items())

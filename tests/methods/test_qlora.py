@@ -706,3 +706,40 @@ def test_minilm_bits_per_parameter(minilm):
         with torch.no_grad():  # the quantised encoder still embeds like the float one
             cos = F.cosine_similarity(m(ids, mask), ref, dim=-1)
         assert bool((cos > 0.95).all()), cos
+
+
+class _Tied(nn.Module):
+    """An embedding tied to the output head, and a user module named ``adapters``."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(10, 64), nn.Linear(64, 64)
+        self.adapters = nn.ModuleList([nn.Linear(64, 64)])
+        self.head = nn.Linear(64, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, i):
+        return self.head(self.adapters[0](self.fc(self.emb(i))))
+
+
+def test_nf4_save_load_keeps_tied_weights_and_user_modules_named_adapters(tmp_path):
+    model = _Tied()
+    ak.nf4.quantize(model, targets=["fc"])
+    ak.nf4.save(model, tmp_path / "q.safetensors")
+    with safe_open(str(tmp_path / "q.safetensors"), "pt") as f:
+        assert {"adapters.0.weight", "adapters.0.bias"} <= set(f.keys())
+    fresh = _Tied()
+    ak.nf4.load(fresh, tmp_path / "q.safetensors")
+    assert isinstance(fresh.fc, NF4Linear) and fresh.head.weight is fresh.emb.weight
+    i = torch.tensor([[1, 2, 3]])
+    assert torch.equal(fresh(i), model(i))
+
+
+def test_load_shape_error_names_the_dense_shape_of_an_nf4_layer(tmp_path):
+    model = nn.Sequential(nn.Linear(64, 32))
+    ak.inject(model, ak.LoRA(rank=2, targets="0"))
+    ak.save(model, tmp_path / "a.safetensors")
+    other = nn.Sequential(nn.Linear(64, 48))
+    ak.nf4.quantize(other, targets=["0"])
+    with pytest.raises(AdaptkitError, match=r"model has NF4Linear weight \[48, 64\]"):
+        ak.load(other, tmp_path / "a.safetensors")
