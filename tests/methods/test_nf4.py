@@ -4,6 +4,7 @@ blocksize, serialisation, errors, and hypothesis properties."""
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -404,8 +405,8 @@ def test_gemv_building_blocks_exact():
 
 
 def test_compile_unavailable_or_tracing_falls_back(small_chunks, monkeypatch):
-    """A failing torch.compile warns once and the eager row chunks answer; while torch.compile
-    traces the caller the dense op runs (bit-exact); ADAPTKIT_NF4_COMPILE-off skips the GEMV."""
+    """A failing torch.compile warns once and the eager row chunks answer (a second call
+    raises no warning); while torch.compile traces the caller the dense op runs (bit-exact)."""
     packed, st = quantize_nf4(torch.randn(64, 128), 64)
     x = torch.randn(1, 128)
     ref = F.linear(x, dequantize_nf4(packed, st))
@@ -417,10 +418,47 @@ def test_compile_unavailable_or_tracing_falls_back(small_chunks, monkeypatch):
     with pytest.warns(RuntimeWarning, match="GEMV failed"):
         close(nm.linear(x, packed, st, torch.float32), ref, torch.float32)
     assert nm._COMPILE == [False]
-    close(nm.linear(x, packed, st, torch.float32), ref, torch.float32)  # no second warning
+    with warnings.catch_warnings():  # no second warning
+        warnings.simplefilter("error")
+        close(nm.linear(x, packed, st, torch.float32), ref, torch.float32)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert torch.equal(nm.linear(x, packed, st, torch.float32), ref)
     assert nm._layout(packed, st, 1) is None
+
+
+def test_use_compile_off_skips_the_gemv(small_chunks, monkeypatch):
+    """use_compile(False) (what ADAPTKIT_NF4_COMPILE=0 sets at import) never calls the GEMV
+    kernel nor records a compiled layout, and the row chunks give the same results; with it
+    on, the same inputs do reach the kernel (run eagerly here, no compile)."""
+    packed, st = quantize_nf4(torch.randn(64, 128), 64)
+    w = dequantize_nf4(packed, st)
+    xs = [torch.randn(1, 128), torch.randn(2, 128), torch.randn(5, 128)]
+    calls = []
+
+    def eager(*a):
+        calls.append(1)
+        return nm._k_gemv(*a)
+    monkeypatch.setattr(nm, "_KERNEL", [eager])
+    for x in xs:  # control: 1-2 rows take the GEMV
+        close(nm.linear(x, packed, st, torch.float32), F.linear(x, w), torch.float32)
+    assert len(calls) == 3 and len(nm._KEYS) == 1  # one row per call, one fp32 layout
+    keys = set(nm._KEYS)
+
+    def stub(*a, **k):
+        raise AssertionError("the GEMV ran with compilation off")
+    monkeypatch.setattr(nm, "_KERNEL", [stub])
+    try:
+        nm.use_compile(False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for dtype in (torch.float32, torch.bfloat16):
+                wd = dequantize_nf4(packed, st, dtype)
+                for x in xs:
+                    close(nm.linear(x.to(dtype), packed, st, dtype), F.linear(x.to(dtype), wd), dtype)
+        assert nm._KEYS == keys and nm._COMPILE == [False]
+    finally:
+        nm.use_compile(True)
+    assert nm._COMPILE == [True]
 
 
 @pytest.mark.parametrize("cd", [torch.float32, torch.bfloat16])
