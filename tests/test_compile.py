@@ -1,7 +1,7 @@
 """torch.compile: every method's adapted layers trace into one graph (0 graph breaks, also
 with ``fullgraph=True``), compiled forward and backward equal eager, and switching the active
 adapter or toggling ``ak.disabled`` recompiles at most once each (a second visit to a state
-reuses its graph). Graph breaks and recompiles are decided by dynamo, whatever the backend,
+reuses its graph), as does LoRA-MPO crossing its dense-route token threshold. Graph breaks and recompiles are decided by dynamo, whatever the backend,
 so most tests use the fast "eager" / "aot_eager" backends; one LoRA test runs inductor."""
 import pytest
 import torch
@@ -35,6 +35,9 @@ SPECS = {
     "lokr_full": lambda **kw: ak.LoKr(rank=8, alpha=3.0, targets=ALL, **kw),
     "mora": lambda **kw: ak.MoRA(rank=3, mora_type=6, targets=r"proj|out", **kw),
     "mora1": lambda **kw: ak.MoRA(rank=3, mora_type=1, targets=r"proj|out", **kw),
+    # Linear / Conv1D only (no Conv2d); LoRA-MPO's 32 tokens per call take its dense route
+    "geolora": lambda **kw: ak.GeoLoRA(rank=3, max_rank=6, targets=r"proj|out", **kw),
+    "lorampo": lambda **kw: ak.LoRAMPO(rank=2, alpha=5.0, targets=r"proj|out", **kw),
     # NF4 base: Linear only
     "qlora": lambda **kw: ak.QLoRA(rank=3, alpha=5.0, blocksize=8, targets="proj", **kw),
     "qdora": lambda **kw: ak.QLoRA(rank=3, alpha=5.0, blocksize=8, use_dora=True, targets="proj", **kw),
@@ -208,3 +211,32 @@ def test_mora_linear_drop_in_compiles():
     for _ in range(2):
         torch.testing.assert_close(f(x), m(x), rtol=1e-5, atol=1e-5)
     assert cnt.graphs == 1
+
+
+def test_lorampo_dense_route_crossing_recompiles_at_most_once():
+    """LoRA-MPO picks its route by the token count of the call (einsums below ``dense_from``,
+    ΔW and one matmul from it): crossing the threshold costs at most one graph, later calls
+    on either side reuse the graphs, and both sides equal eager."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 24), nn.GELU(), nn.Linear(24, 16))
+    ak.inject(net, ak.LoRAMPO(rank=2, alpha=5.0, targets=r"0"))
+    with torch.no_grad():
+        for pn, p in net.named_parameters():
+            if ".adapters." in pn:
+                p.add_(0.2 * torch.randn_like(p))
+    dense_from = net[0].adapters["default"].dense_from
+    below, above = [2, 3, 4], [8, 10, 12]
+    assert max(below) < dense_from <= min(above)  # 6.0 for these shapes
+    cnt = Counter()
+    f = torch.compile(net, backend=cnt, fullgraph=True)
+
+    def call(n):
+        x = torch.randn(n, 8)
+        torch.testing.assert_close(f(x), net(x), rtol=1e-5, atol=1e-5)
+        return cnt.graphs
+
+    g_below = [call(n) for n in below][-1]  # a static graph, then a dynamic one
+    assert g_below <= 2
+    assert [call(n) for n in above][-1] <= g_below + 1
+    g = cnt.graphs
+    assert [call(n) for n in (5, 3, 9, 11, 7)][-1] == g  # both sides again: no new graph
