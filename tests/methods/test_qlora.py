@@ -177,14 +177,20 @@ def test_nf4linear_dtype_casts_keep_quant_state_exact(double_quant):
     assert q.bias.dtype == torch.bfloat16
 
 
-def test_nf4linear_load_state_dict_packed_and_float():
+QUANT_SETTINGS = [(64, True), (32, False)]  # (blocksize, double_quant); 888 = 37 x 24: a partial block
+
+
+@pytest.mark.parametrize("blocksize,double_quant", QUANT_SETTINGS)
+def test_nf4linear_load_state_dict_packed_and_float(blocksize, double_quant):
     lin, other = nn.Linear(37, 24), nn.Linear(37, 24)
-    q = NF4Linear.from_linear(lin)
-    q2 = NF4Linear(37, 24)
+    kw = dict(blocksize=blocksize, double_quant=double_quant)
+    q = NF4Linear.from_linear(lin, **kw)
+    q2 = NF4Linear(37, 24, **kw)
     q2.load_state_dict(q.state_dict(), strict=True)
     assert _same_tensors(_nf4_buffers(q), _nf4_buffers(q2))
     q2.load_state_dict(other.state_dict(), strict=True)  # float weight: quantised on load
-    assert _same_tensors(_nf4_buffers(q2), _nf4_buffers(NF4Linear.from_linear(other)))
+    assert _same_tensors(_nf4_buffers(q2), _nf4_buffers(NF4Linear.from_linear(other, **kw)))
+    assert (q2.nested_absmax is not None) == double_quant and q2.absmax.numel() == -(-888 // blocksize)
     with pytest.raises(RuntimeError, match="size mismatch for weight"):
         q2.load_state_dict(nn.Linear(36, 24).state_dict())
 
@@ -296,15 +302,20 @@ def test_inject_is_deterministic_and_matches_nf4_quantize():
     assert type(base.a) is nn.Linear and base.a.weight.dtype == torch.float32
 
 
-def test_float_checkpoint_loads_into_injected_model_requantised():
+@pytest.mark.parametrize("blocksize,double_quant", QUANT_SETTINGS)
+def test_float_checkpoint_loads_into_injected_model_requantised(blocksize, double_quant):
+    """A float base checkpoint is requantised with the injected layers' own settings."""
+    spec = lambda: ak.QLoRA(rank=2, targets="a|b", blocksize=blocksize, double_quant=double_quant)  # noqa: E731
     q = _net()
-    ak.inject(q, ak.QLoRA(rank=2, targets="a|b"))
+    ak.inject(q, spec())
     other = _net(seed=5)  # a different float base checkpoint
     missing, unexpected = q.load_state_dict(other.state_dict(), strict=False)
     assert not unexpected and all(".adapters." in k for k in missing)
     fresh = copy.deepcopy(other)
-    ak.inject(fresh, ak.QLoRA(rank=2, targets="a|b"))
+    ak.inject(fresh, spec())
     assert _same_tensors(_nf4_buffers(q), _nf4_buffers(fresh))
+    assert [(m.blocksize, m.double_quant) for m in q.modules() if isinstance(m, NF4Linear)] == \
+        [(blocksize, double_quant)] * 2
     assert torch.equal(q.a.bias, other.a.bias) and torch.equal(q.head.weight, other.head.weight)
 
 
