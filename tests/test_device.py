@@ -93,7 +93,8 @@ def test_move_train_save_and_load_across_devices(method, tmp_path):
 @pytest.mark.parametrize("method", ["lora", "dora", "qlora", "lokr"])
 def test_autocast_bf16_training_step(method):
     """Mixed precision as users run it: fp32 adapter weights, bf16 matmuls under autocast;
-    gradients stay fp32 and close to the fp32 step's."""
+    gradients stay fp32 and close to the fp32 step's (measured on CPU: 1.3-1.5% relative
+    error per parameter), and autocast did change them (bf16 matmuls really ran)."""
     model = make_model().to(DEVICE)
     ak.inject(model, SPECS[method]())
     _randomise(model)
@@ -109,10 +110,11 @@ def test_autocast_bf16_training_step(method):
 
     ref, got = grads(False), grads(True)
     assert set(got) == set(ref) and any(".adapters." in n for n in got)
+    assert any(not torch.equal(got[n], ref[n]) for n in got), "autocast changed nothing"
     for n, g in got.items():
         assert g.dtype == torch.float32, n
         assert torch.isfinite(g).all(), n
-        assert (g - ref[n]).norm() <= 0.05 * ref[n].norm() + 1e-6, n
+        assert (g - ref[n]).norm() <= 0.03 * ref[n].norm() + 1e-6, n
 
 
 VECTORS = Path(__file__).parent / "data" / "nf4_vectors.safetensors"  # bitsandbytes 0.50.2 CPU
