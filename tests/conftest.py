@@ -27,6 +27,24 @@ class Conv1D(nn.Module):
         return y.view(*x.shape[:-1], self.nf)
 
 
+def randomise_adapters(model: nn.Module, std: float, *, add: bool = False, seed: int | None = None,
+                       name: str | None = None) -> None:
+    """Make every adapter parameter non-zero (LoRA starts with B = 0, which makes merge, save
+    and gradient checks vacuous): each parameter under ``.adapters.`` (only adapter ``name``'s
+    if given) is set to (``add=False``) or shifted by (``add=True``) ``std * N(0, 1)`` noise,
+    in ``named_parameters`` order. The noise comes from a generator seeded ``seed`` (drawn in
+    fp32 on the CPU, then cast to the parameter), or from torch's global RNG (``randn_like``)
+    when ``seed`` is None. ``model`` may be a whole model or one AdaptedLayer."""
+    g = None if seed is None else torch.Generator().manual_seed(seed)
+    key = ".adapters." if name is None else f".adapters.{name}."
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if key not in f".{n}":  # the leading dot: an AdaptedLayer's own "adapters.x.y"
+                continue
+            noise = torch.randn_like(p) * std if g is None else (torch.randn(p.shape, generator=g) * std).to(p)
+            p.add_(noise) if add else p.copy_(noise)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

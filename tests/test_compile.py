@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import adaptkit as ak
-from conftest import Conv1D
+from conftest import Conv1D, randomise_adapters
 
 
 class Net(nn.Module):
@@ -56,10 +56,7 @@ def _model(method, names=("default",), **kw):
     net = Net()
     for n in names:
         ak.inject(net, SPECS[method](**kw), name=n)
-    with torch.no_grad():
-        for pn, p in net.named_parameters():
-            if ".adapters." in pn:
-                p.add_(0.2 * torch.randn_like(p))
+    randomise_adapters(net, 0.2, add=True)
     ak.set_active(net, names[0])
     return net
 
@@ -220,10 +217,7 @@ def test_lorampo_dense_route_crossing_recompiles_at_most_once():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 24), nn.GELU(), nn.Linear(24, 16))
     ak.inject(net, ak.LoRAMPO(rank=2, alpha=5.0, targets=r"0"))
-    with torch.no_grad():
-        for pn, p in net.named_parameters():
-            if ".adapters." in pn:
-                p.add_(0.2 * torch.randn_like(p))
+    randomise_adapters(net, 0.2, add=True)
     dense_from = net[0].adapters["default"].dense_from
     below, above = [2, 3, 4], [8, 10, 12]
     assert max(below) < dense_from <= min(above)  # 6.0 for these shapes

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import adaptkit as ak
+from conftest import randomise_adapters
 from adaptkit.nf4 import dequantize_nf4, quantize_nf4
 
 DEVICE = torch.device(os.environ.get("ADAPTKIT_TEST_DEVICE", "cpu"))
@@ -44,20 +45,11 @@ def make_model():
     return nn.Sequential(Block(), Block(), nn.Linear(32, 3))
 
 
-def _randomise(model):
-    """Non-zero adapters, so moves, saves and merges carry something."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if ".adapters." in n:
-                p.copy_((torch.randn(p.shape, generator=g) * 0.1).to(p))
-
-
 @pytest.mark.parametrize("method", list(SPECS))
 def test_move_train_save_and_load_across_devices(method, tmp_path):
     cpu = make_model()
     ak.inject(cpu, SPECS[method]())
-    _randomise(cpu)
+    randomise_adapters(cpu, 0.1, seed=1)  # moves, saves and merges carry something
     x = torch.randn(4, 5, 32)
     cpu.eval()
     want = cpu(x)
@@ -97,7 +89,7 @@ def test_autocast_bf16_training_step(method):
     error per parameter), and autocast did change them (bf16 matmuls really ran)."""
     model = make_model().to(DEVICE)
     ak.inject(model, SPECS[method]())
-    _randomise(model)
+    randomise_adapters(model, 0.1, seed=1)
     x = torch.randn(4, 5, 32, device=DEVICE)
     y = torch.tensor([0, 1, 2, 0], device=DEVICE)
 

@@ -17,6 +17,7 @@ import torch.nn as nn
 from safetensors import safe_open
 
 import adaptkit as ak
+from conftest import randomise_adapters
 
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
@@ -34,10 +35,7 @@ def _model(method):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
     ak.inject(net, METHODS[method]())
-    with torch.no_grad():
-        for n, p in net.named_parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn_like(p))
+    randomise_adapters(net, 0.1, add=True)
     return net
 
 

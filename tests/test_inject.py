@@ -8,6 +8,7 @@ import torch.nn as nn
 import adaptkit as ak
 from adaptkit.layer import AdaptedLayer
 from adaptkit.targets import layer_index, select
+from conftest import randomise_adapters
 
 
 class Block(nn.Module):
@@ -32,14 +33,6 @@ class LM(nn.Module):
         for b in self.model.layers:
             x = b(x)
         return self.lm_head(x)
-
-
-def randomise(model, name="default"):
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, AdaptedLayer) and name in m.adapters:
-                for p in m.adapters[name].parameters():
-                    p.normal_(std=0.2)
 
 
 def test_fullmatch_not_substring_or_suffix():
@@ -86,7 +79,7 @@ def test_multiple_adapters_sum_and_active_set():
     y0 = m(x)
     ak.inject(m, ak.LoRA(rank=2, targets=r".*q_proj"), name="a")
     ak.inject(m, ak.LoRA(rank=3, alpha=5, targets=r".*_proj"), name="b")
-    randomise(m, "a"), randomise(m, "b")
+    randomise_adapters(m, 0.2, name="a"), randomise_adapters(m, 0.2, name="b")
     ya_b = m(x)
     ak.set_active(m, "a")
     ya = m(x)
@@ -114,7 +107,7 @@ def test_disabled_with_merged_adapters_and_unmerge():
     x = torch.randn(2, 8)
     y0 = m(x)
     ak.inject(m, ak.LoRA(rank=2, alpha=3, targets=r".*_proj"))
-    randomise(m)
+    randomise_adapters(m, 0.2, name="default")
     y = m(x)
     ak.merge(m, unload=False)
     assert all(l.adapters["default"].merged for l in m.modules() if isinstance(l, AdaptedLayer))
@@ -146,7 +139,7 @@ def test_merge_restores_requires_grad_and_strict_roundtrip():
     ref = copy.deepcopy(m)
     ak.inject(m, ak.LoRA(rank=2, alpha=4, targets=r".*_proj"))
     assert not any(p.requires_grad for n, p in m.named_parameters() if ".adapters." not in n)
-    randomise(m)
+    randomise_adapters(m, 0.2, name="default")
     x = torch.randn(2, 8)
     y = m(x)
     merged = ak.merge(m)
@@ -165,7 +158,7 @@ def test_modules_to_save_trained_saved_and_loaded(tmp_path):
     assert m.lm_head.weight.requires_grad and not m.model.layers[0].q_proj.weight.requires_grad
     with torch.no_grad():
         m.lm_head.weight.add_(1.0)
-    randomise(m)
+    randomise_adapters(m, 0.2, name="default")
     ak.save(m, tmp_path / "a.safetensors")
     from safetensors import safe_open
     with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
@@ -201,7 +194,7 @@ def test_combine_cat_is_exact_and_svd_truncates():
     m = LM()
     ak.inject(m, ak.LoRA(rank=2, alpha=3, targets=r".*_proj"), name="a")
     ak.inject(m, ak.LoRA(rank=3, alpha=2, use_rslora=True, targets=r".*q_proj"), name="b")
-    randomise(m, "a"), randomise(m, "b")
+    randomise_adapters(m, 0.2, name="a"), randomise_adapters(m, 0.2, name="b")
     q = m.model.layers[1].q_proj
     want = 0.7 * q.adapters["a"].delta_weight(q) + 0.3 * q.adapters["b"].delta_weight(q)
     ak.combine(m, {"a": 0.7, "b": 0.3}, name="mix")
@@ -236,7 +229,7 @@ def test_torch_save_of_a_whole_injected_model(spec, tmp_path, monkeypatch):
     torch.manual_seed(0)
     m = LM()
     ak.inject(m, spec)
-    randomise(m, "default")
+    randomise_adapters(m, 0.2, name="default")
     torch.save(m, tmp_path / "m.pt")
     monkeypatch.setattr(ak.layer, "_WRAPPERS", {})
     m2 = torch.load(tmp_path / "m.pt", weights_only=False)

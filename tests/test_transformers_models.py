@@ -15,6 +15,7 @@ import torch
 
 import adaptkit as ak
 from adaptkit.layer import AdaptedLayer
+from conftest import randomise_adapters
 
 tf = pytest.importorskip("transformers")
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"),
@@ -275,10 +276,8 @@ def _grads(model, method, gc=None, hf_hook=False, before_inject=False):
     if gc is not None and before_inject:
         _checkpointing(m, gc, hf_hook)
     ak.inject(m, METHODS[method][0]())
-    torch.manual_seed(0)
-    with torch.no_grad():  # non-zero adapters: every factor's gradient is non-trivial
-        for p in adapter_params(m).values():
-            p.add_(torch.randn_like(p) * 0.1)
+    torch.manual_seed(0)  # non-zero adapters: every factor's gradient is non-trivial
+    randomise_adapters(m, 0.1, add=True)
     if gc is not None and not before_inject:
         _checkpointing(m, gc, hf_hook)
     loss(m, model, batch(model)).backward()

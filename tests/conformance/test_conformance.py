@@ -15,6 +15,7 @@ import adaptkit as ak
 from adaptkit.methods import METHODS
 from adaptkit.layer import AdaptedLayer
 from conformance.bases import BASES, Net
+from conftest import randomise_adapters
 from conformance.registry import CASES, TARGET
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -54,9 +55,7 @@ def _setup(method, base, bias, dt, randomise=True):
     ak.inject(net, make())
     layer = net.blocks[0]["proj"]
     if randomise:
-        with torch.no_grad():
-            for p in layer.adapters["default"].parameters():
-                p.copy_(torch.randn_like(p) * 0.2)
+        randomise_adapters(layer, 0.2, name="default")
     return net, ref, x, layer, tols[0] if dt == "fp32" else tols[1]
 
 

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import adaptkit as ak
 from adaptkit.methods.lorampo import LoRAMPOAdapter, num_params
 from adaptkit.mpo import balanced_factors, kron_decompose, kron_reconstruct
-from conftest import Conv1D
+from conftest import Conv1D, randomise_adapters
 
 
 class Net(nn.Module):
@@ -32,13 +32,6 @@ def _linear(out, inp, bias=True):
     m = nn.Linear(inp, out, bias=bias)
     nn.init.normal_(m.weight, std=0.3)
     return m
-
-
-def _randomise(model, std=0.2):
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if ".adapters." in n:
-                p.copy_(torch.randn_like(p) * std)
 
 
 # ------------------------------------------------------------------ "lora" mode == PiSSA
@@ -136,7 +129,7 @@ def test_forward_equals_dense_reference(out, inp, oshape, ishape, mode, order):
     model = Net(_linear(out, inp))
     ak.inject(model, ak.LoRAMPO(rank=3, alpha=5.0, mode=mode, out_shape=oshape, in_shape=ishape,
                                 targets=r"layers\.0"))
-    _randomise(model)
+    randomise_adapters(model, 0.2)
     layer = model.layers[0]
     ad = layer.adapters["default"]
     if order != "auto":  # force one route: a factored order, or the dense ΔW matmul
@@ -153,7 +146,7 @@ def test_dense_route_from_the_token_count_where_it_is_cheaper():
     # D = 1024; the cost model's crossover 3 r D / (2 F - D) at rank 8: 24576 / 5120 = 4.8 tokens
     model = Net(_linear(32, 32))
     ak.inject(model, ak.LoRAMPO(rank=8, alpha=3.0, targets=r"layers\.0"))
-    _randomise(model)
+    randomise_adapters(model, 0.2)
     layer = model.layers[0]
     ad = layer.adapters["default"]
     assert ad.dense_from == pytest.approx(4.8)
@@ -203,7 +196,7 @@ def test_forward_never_builds_the_dense_delta(mode, monkeypatch):
     out, inp = 96, 128                                    # (8, 12) x (8, 16)
     model = Net(_linear(out, inp))
     ak.inject(model, ak.LoRAMPO(rank=2, alpha=3.0, mode=mode, targets=r"layers\.0"))
-    _randomise(model)
+    randomise_adapters(model, 0.2)
     layer = model.layers[0]
     ad = layer.adapters["default"]
     x = torch.randn(2, inp, requires_grad=True)
@@ -226,7 +219,7 @@ def test_forward_never_builds_the_dense_delta(mode, monkeypatch):
 def test_dropout_only_in_training():
     model = Net(_linear(20, 24))
     ak.inject(model, ak.LoRAMPO(rank=3, dropout=0.5, targets=r"layers\.0"))
-    _randomise(model)
+    randomise_adapters(model, 0.2)
     x = torch.randn(4, 24)
     model.eval()
     assert torch.equal(model(x), model(x))

@@ -24,6 +24,7 @@ from adaptkit.errors import AdaptkitError
 from adaptkit.nf4 import DYNAMIC_CODE, NF4_CODE, dequantize_nf4, quantize_nf4
 from adaptkit.merge import unmerge
 from adaptkit.methods.qlora_nf4 import NF4Linear
+from conftest import randomise_adapters
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
 STATE = ("weight", "absmax", "nested_absmax", "offset")
@@ -82,15 +83,6 @@ def _dense_copy(qmodel: nn.Module, float_model: nn.Module) -> nn.Module:
             if isinstance(mod, NF4Linear):
                 ref.get_submodule(p).weight.copy_(mod.dequantize(torch.float32))
     return ref
-
-
-def _randomise_adapters(model: nn.Module, seed=1):
-    """Non-zero B (LoRA starts with B = 0) and a magnitude away from the row norms."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if ".adapters." in n:
-                p.add_(0.3 * torch.randn(p.shape, generator=g).to(p.dtype))
 
 
 def _copy_adapters(src: nn.Module, dst: nn.Module):
@@ -210,7 +202,7 @@ def test_qlora_equals_lora_on_dequantised_dense(dora, double_quant):
         assert type(ad) is type(ref.get_submodule(p).adapters["default"])
         if dora:  # magnitude starts at the row norms of the dequantised weight
             assert torch.equal(ad.lora_magnitude, ref.get_submodule(p).adapters["default"].lora_magnitude)
-    _randomise_adapters(q)
+    randomise_adapters(q, 0.3, add=True, seed=1)
     _copy_adapters(q, ref)
     assert [n for n, p in q.named_parameters() if p.requires_grad] == \
         [n for n, p in ref.named_parameters() if p.requires_grad]
@@ -239,7 +231,7 @@ def test_qlora_bf16_compute_adapters_and_train_step():
     ad = q.a.adapters["default"]
     assert q.a.compute_dtype == torch.bfloat16 and ad.lora_A.dtype == torch.bfloat16
     assert q.a.absmax.dtype == torch.uint8 and q.a.nested_absmax.dtype == torch.float32
-    _randomise_adapters(q)
+    randomise_adapters(q, 0.3, add=True, seed=1)
     x = torch.randn(6, 37)
     y = q(x)
     assert y.dtype == torch.float32
@@ -325,7 +317,7 @@ def test_adapter_file_is_adapter_only_and_loads_bit_identically(tmp_path, dora):
     base = _net()
     q = copy.deepcopy(base)
     ak.inject(q, ak.QLoRA(rank=4, targets="a|b", use_dora=dora, compute_dtype="bfloat16"))
-    _randomise_adapters(q)
+    randomise_adapters(q, 0.3, add=True, seed=1)
     path = tmp_path / "adapter.safetensors"
     ak.save(q, path)
     tensors = load_file(str(path))
@@ -386,7 +378,7 @@ def test_nf4_base_file_plus_adapter_file_restore_a_qlora_model(tmp_path):
     base = _net()
     q = copy.deepcopy(base)
     ak.inject(q, ak.QLoRA(rank=4, targets="a|b", use_dora=True))
-    _randomise_adapters(q)
+    randomise_adapters(q, 0.3, add=True, seed=1)
     ak.nf4.save(q, tmp_path / "base.safetensors")
     ak.save(q, tmp_path / "adapter.safetensors")
     assert not [k for k in load_file(str(tmp_path / "base.safetensors")) if "lora" in k]
@@ -518,7 +510,7 @@ def test_merge_returns_dense_linear_with_original_keys(cd, dora):
     base = _net()
     q = copy.deepcopy(base)
     ak.inject(q, ak.QLoRA(rank=4, targets="a|b", use_dora=dora, compute_dtype=cd))
-    _randomise_adapters(q)
+    randomise_adapters(q, 0.3, add=True, seed=1)
     c = torch.bfloat16 if cd else torch.float32
     want_w = q.a.dense_weight(["default"])  # fp32: dequantised W + delta (DoRA: g-scaled)
     x = torch.randn(5, 37)
@@ -542,7 +534,7 @@ def test_merge_returns_dense_linear_with_original_keys(cd, dora):
 def test_inplace_merge_unmerge_is_exact():
     q = _net()
     ak.inject(q, ak.QLoRA(rank=4, targets="a|b", use_dora=True))
-    _randomise_adapters(q)
+    randomise_adapters(q, 0.3, add=True, seed=1)
     buffers = _nf4_buffers(q)
     x = torch.randn(5, 37)
     with torch.no_grad():
@@ -559,7 +551,7 @@ def test_inplace_merge_unmerge_is_exact():
 def test_merge_requantize_records_drift(double_quant):
     q = _net()
     ak.inject(q, ak.QLoRA(rank=4, targets="a|b", double_quant=double_quant))
-    _randomise_adapters(q)
+    randomise_adapters(q, 0.3, add=True, seed=1)
     merged_w = {p: q.get_submodule(p).dense_weight(["default"]).detach() for p in ("a", "b")}
     w0 = {p: q.get_submodule(p).dequantize(torch.float32) for p in ("a", "b")}
     with pytest.warns(UserWarning, match=r"re-quantising 2 merged layer\(s\) to NF4"):
