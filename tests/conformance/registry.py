@@ -21,4 +21,7 @@ CASES = {
              {"linear", "conv1d_t"}, (2e-5, 3e-2)),
     "qlora": (lambda **kw: ak.QLoRA(rank=3, alpha=5.0, targets=TARGET, **kw), {"linear"}, (2e-5, 3e-2),
               lambda model: ak.nf4.quantize(model, targets=TARGET)),
+    # variants ("method/variant": the same invariants for a non-default configuration)
+    "qlora/qdora": (lambda **kw: ak.QLoRA(rank=3, alpha=5.0, targets=TARGET, use_dora=True, **kw),
+                    {"linear"}, (2e-5, 3e-2), lambda model: ak.nf4.quantize(model, targets=TARGET)),
 }
