@@ -27,9 +27,9 @@ quantises a float ``weight`` as inject does: same bytes every time); ``ak.merge`
 back ``nn.Linear`` with the original keys.
 
 Merge: in place, the bytes stay and a dense merged weight (a non-persistent buffer) serves
-forward, so unmerge is exact. ``ak.merge(model)`` returns a dense ``nn.Linear`` in the compute
+forward, so unmerge is exact. ``ak.merge(model)`` returns a dense ``nn.Linear`` in W's original
 dtype (deq(W) + delta summed in fp32), never a silently re-quantised one (PEFT's moves outputs
-~10%); ``requantize=True`` re-quantises and records the drift it caused (``requant_drift``).
+~10%); ``requantize=True`` re-quantises and records the drift (``requant_drift``).
 """
 from __future__ import annotations
 
@@ -203,8 +203,8 @@ class NF4Linear(nn.Linear):
 class _NF4Adapted:
     """AdaptedLayer overrides for an NF4 base (``layer.wrap`` puts this class first in the
     wrapper's bases). ``weight`` stays the packed bytes; ``dense_weight()`` is the dense
-    view. An in-place merge keeps the bytes and adds ``merged_weight`` (compute dtype,
-    non-persistent buffer) that forward uses; unmerge drops it, so it is exact."""
+    view. An in-place merge keeps the bytes and adds ``merged_weight`` (the weight's original
+    dtype, a non-persistent buffer) that forward uses; unmerge drops it, so it is exact."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # AdaptedLayer.forward with the weight read as a buffer (it reads _parameters)
@@ -256,7 +256,7 @@ class _NF4Adapted:
         if check and not torch.isfinite(w).all():
             raise AdaptkitError(f"merge: adapters {todo} give a non-finite weight at this layer; "
                                 f"nothing was merged. Check the adapter weights for NaN/inf")
-        self._set_merged(w.to(self.compute_dtype))
+        self._set_merged(w.to(self.weight_dtype))  # what ak.merge hands back (see unload)
         for n in todo:
             self.adapters[n].merged = True
         self.set_active(self._active_names)
@@ -277,15 +277,15 @@ class _NF4Adapted:
         return AdaptedLayer.unwrap(self)
 
     def unload(self, requantize: bool = False) -> nn.Module:
-        """``ak.merge``: a dense nn.Linear in the compute dtype, or, with ``requantize``, the
-        merged weight re-quantised (its ``requant_drift`` measured); an unmerged layer then
-        keeps its original bytes."""
+        """``ak.merge``: a dense nn.Linear in W's pre-quantisation dtype (so an fp32 model with
+        bf16 compute still runs on fp32 inputs), or, with ``requantize``, the merged weight
+        re-quantised (``requant_drift`` measured); an unmerged layer keeps its bytes."""
         m = self._buffers.get("merged_weight")
         if not requantize:
             return self._dense()
         if m is None:
             return AdaptedLayer.unwrap(self)
-        q = NF4Linear.from_weight(m, self._bias(self.compute_dtype), blocksize=self.blocksize,
+        q = NF4Linear.from_weight(m, self._bias(self.weight_dtype), blocksize=self.blocksize,
                                   double_quant=self.double_quant, compute_dtype=self.compute_dtype,
                                   nested_blocksize=self.nested_blocksize).train(self.training)
         q.requant_drift = requant_drift(m.float(), q.dequantize(torch.float32),
@@ -298,10 +298,10 @@ class _NF4Adapted:
         return b if b is None or b.dtype == cd else nn.Parameter(b.detach().to(cd), b.requires_grad)
 
     def _dense(self) -> nn.Linear:
-        cd, m = self.compute_dtype, self._buffers.get("merged_weight")
+        dt, m = self.weight_dtype, self._buffers.get("merged_weight")
         lin = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
-        lin.weight = nn.Parameter(self.dequantize(cd) if m is None else m, requires_grad=False)
-        lin.bias = self._bias(cd)
+        lin.weight = nn.Parameter(self.dequantize(dt) if m is None else m, requires_grad=False)
+        lin.bias = self._bias(dt)
         return lin.train(self.training)
 
 
