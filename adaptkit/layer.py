@@ -190,8 +190,8 @@ class AdaptedLayer(nn.Module):
         if act and act[0].fuses_base:
             y = act[0].base_forward(x, self)
         else:  # _parameters directly: Module.__getattr__ is a measurable part of the overhead
-            p = self._parameters
-            y = self.base_op(x, p["weight"], p.get("bias"))
+            p = self._parameters  # (a quantised base keeps its packed weight as a buffer)
+            y = self.base_op(x, p["weight"] if "weight" in p else self._buffers["weight"], p.get("bias"))
         for a in act:
             y = a.apply(x, y, self)
         return y
@@ -288,7 +288,7 @@ def _unpickle(cls: type, kind: str) -> AdaptedLayer:
         _WRAPPERS[cls] = type(f"Adapted{cls.__name__}",
                               (AdaptedLayer, cls) if mixin is None else (mixin, AdaptedLayer, cls),
                               {"kind": kind, "_base_cls": cls,
-                               "forward": getattr(mixin, "forward", AdaptedLayer.forward),
+                               "forward": AdaptedLayer.forward,
                                "extra_repr": AdaptedLayer.extra_repr,
                                "__module__": __name__})
     return _WRAPPERS[cls].__new__(_WRAPPERS[cls])

@@ -29,6 +29,8 @@ def _check_finite(model: nn.Module, names_of) -> None:
         names = [n for n in names_of(layer) if not layer.adapters[n].merged]
         if not names:
             continue
+        # computed again by the merge below: keeping every merged weight until all pass
+        # would hold a dense copy of the whole model (a quantised one included)
         w = layer.dense_weight(names)
         if not torch.isfinite(w).all():
             bad.append(f"'{path}' (adapters {names})")
@@ -43,8 +45,8 @@ def merge(model: nn.Module, unload: bool = True, requantize: bool = False) -> nn
     unload=True (default): drop every adapter (inactive ones are discarded) and restore the
     original module classes, state-dict keys and ``requires_grad`` flags; the returned model
     has no trace of adaptkit and loads a base checkpoint with ``strict=True``. A QLoRA
-    layer comes back as a dense ``nn.Linear`` in its compute dtype (dequantised W + delta,
-    summed in fp32): never silently re-quantised.
+    layer comes back as a dense ``nn.Linear`` in its weight's pre-quantisation dtype
+    (dequantised W + delta, summed in fp32): never silently re-quantised.
     unload=False: merge in place and keep the adapters, so ``unmerge(model)`` can undo it.
     requantize=True (with unload): QLoRA layers come back re-quantised to NF4 instead; each
     records the output drift this caused in ``.requant_drift`` and a warning reports the

@@ -206,15 +206,6 @@ class _NF4Adapted:
     view. An in-place merge keeps the bytes and adds ``merged_weight`` (the weight's original
     dtype, a non-persistent buffer) that forward uses; unmerge drops it, so it is exact."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # AdaptedLayer.forward with the weight read as a buffer (it reads _parameters)
-        act = self._active
-        y = act[0].base_forward(x, self) if act and act[0].fuses_base else \
-            self.base_op(x, self._buffers["weight"], self._parameters["bias"])
-        for a in act:
-            y = a.apply(x, y, self)
-        return y
-
     in_features = property(lambda self: self.__dict__["in_features"])
     out_features = property(lambda self: self.__dict__["out_features"])
 
