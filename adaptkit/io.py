@@ -161,6 +161,19 @@ def load(model: nn.Module, path: str | os.PathLike, name: str = "default") -> li
     return load_tensors(model, tensors, meta, name, os.fspath(path))
 
 
+def key_problems(expected: dict[str, tuple], tensors: dict[str, torch.Tensor],
+                 shape_hint: str = "") -> list[str]:
+    """Every missing, unexpected and mis-shaped key of ``tensors`` against ``expected``
+    (key -> shape), as message parts: a strict load reports them all at once."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    shaped = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k])}"
+              for k in sorted(set(expected) & set(tensors))
+              if tuple(tensors[k].shape) != tuple(expected[k])]
+    return [f"missing keys {missing}"] * bool(missing) + [f"unexpected keys {unexpected}"] * \
+        bool(unexpected) + [f"mis-shaped tensors [{'; '.join(shaped)}]{shape_hint}"] * bool(shaped)
+
+
 def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, str],
                  name: str = "default", path: str = "<memory>") -> list[str]:
     """:func:`load` from tensors and metadata already in memory (format 1 layout; used by
@@ -193,14 +206,8 @@ def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[
     params = dict(model.named_parameters())
     for q in extras:
         expected[q] = tuple(params[q].shape)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    shaped = [f"{k}: file {tuple(tensors[k].shape)} vs model {expected[k]}"
-              for k in sorted(set(expected) & set(tensors)) if tuple(tensors[k].shape) != expected[k]]
-    if missing or unexpected or shaped:
-        parts = [f"missing keys {missing}"] * bool(missing) + [f"unexpected keys {unexpected}"] * \
-            bool(unexpected) + [f"mis-shaped tensors [{'; '.join(shaped)}] (config vs checkpoint "
-                                f"rank?)"] * bool(shaped)
+    parts = key_problems(expected, tensors, " (config vs checkpoint rank?)")
+    if parts:
         raise AdaptkitError(f"load '{path}' ({spec.method}): " + "; ".join(parts) +
                             ". Nothing was loaded; the file does not fit this model/spec")
     paths = attach(model, spec, name, built, extras)

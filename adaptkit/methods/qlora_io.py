@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from ..errors import AdaptkitError
 from ..inject import state
-from ..io import read_safetensors, write_safetensors
+from ..io import key_problems, read_safetensors, write_safetensors
 from ..layer import AdaptedLayer, adapted_layers, base_kind
 from ..nf4 import NF4State
 from ..spec import _as_tuple
@@ -152,12 +152,7 @@ def load(model: nn.Module, path: str | os.PathLike) -> list[str]:
     model_sd = {k: v for k, v in model.state_dict().items() if k not in own}
     rest = {k: v for k, v in tensors.items()
             if not any(k == _key(p, "weight") or k.startswith(_key(p, "weight.")) for p in layers)}
-    missing = sorted(set(model_sd) - set(rest))
-    unexpected = sorted(set(rest) - set(model_sd))
-    shaped = [f"{k}: file {tuple(rest[k].shape)} vs model {tuple(model_sd[k].shape)}"
-              for k in sorted(set(rest) & set(model_sd)) if rest[k].shape != model_sd[k].shape]
-    problems += [f"missing keys {missing}"] * bool(missing) + [f"unexpected keys {unexpected}"] * \
-        bool(unexpected) + [f"mis-shaped tensors [{'; '.join(shaped)}]"] * bool(shaped)
+    problems += key_problems({k: v.shape for k, v in model_sd.items()}, rest)
     if problems:
         raise AdaptkitError(f"{where}: " + "; ".join(problems) + ". Nothing was loaded")
     # every name of every tensor (tied weights have several), looked up before any swap; the
