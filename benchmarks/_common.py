@@ -313,10 +313,13 @@ def timed(fn: Callable[[], Any], device="cpu") -> Callable[[], float]:
     return run
 
 
-def interleaved(cases: dict[str, Callable[[], float]], warmup: int, repeats: int) -> dict[str, list[float]]:
+def interleaved(cases: dict[str, Callable[[], float]], warmup: int, repeats: int,
+                reduce: Callable[[list[float]], float] | None = None) -> dict[str, Any]:
     """Run ``cases`` (name -> closure returning its own elapsed seconds) round-robin: ``warmup``
     untimed rounds, then ``repeats`` timed rounds, each starting one case later than the last.
-    The garbage collector is paused so it does not land on one case by chance."""
+    The garbage collector is paused so it does not land on one case by chance. Returns name ->
+    the samples (seconds), or name -> ``reduce(samples)`` where ``reduce`` is given (``min``:
+    the best round, for a shared machine where other load only ever adds time)."""
     names = list(cases)
     samples: dict[str, list[float]] = {n: [] for n in names}
     gc.collect()
@@ -333,7 +336,7 @@ def interleaved(cases: dict[str, Callable[[], float]], warmup: int, repeats: int
     finally:
         if was:
             gc.enable()
-    return samples
+    return samples if reduce is None else {n: reduce(s) for n, s in samples.items()}
 
 
 def stats_ms(samples: list[float]) -> dict[str, Any]:
@@ -343,7 +346,7 @@ def stats_ms(samples: list[float]) -> dict[str, Any]:
 
 def median_ms(cases: dict[str, Callable[[], float]], warmup: int, repeats: int) -> dict[str, float]:
     """:func:`interleaved`, reduced to name -> median milliseconds."""
-    return {n: statistics.median(s) * 1e3 for n, s in interleaved(cases, warmup, repeats).items()}
+    return {n: s * 1e3 for n, s in interleaved(cases, warmup, repeats, statistics.median).items()}
 
 
 def mode_cases(variants: dict[str, nn.Module], forward: Callable[[nn.Module], torch.Tensor],

@@ -1,11 +1,13 @@
 """NF4 benchmark: adaptkit.nf4 and the NF4Linear layer vs bitsandbytes (CPU) and dense Linear.
 
-    python benchmarks/bench_nf4.py [--quick] [--threads N] [--device cpu|cuda] [--out PATH]
+    python benchmarks/bench_nf4.py [--quick] [--threads N] [--device cpu|cuda] [--json PATH]
+                                   [--size N] [--reps N] [--no-layer]
 
 On a --size x --size fp32 weight (4096; --quick: 2048 and fewer repetitions), timings are the
-minimum over --reps rounds, the candidates of a table taking turns within each round (on a
-shared CPU other processes only ever add time, and turns expose all candidates to the same
-load, so ratios within one run are the figures to compare):
+minimum over --reps rounds, the candidates of a table taking turns within each round, the
+order rotated each round (``_common.interleaved``; on a shared CPU other processes only ever
+add time, and turns expose all candidates to the same load, so ratios within one run are the
+figures to compare). Results: tables and JSON (runs/bench_nf4[_quick].json).
 
 * memory bandwidth: read (``sum`` of the fp32 weight), copy into a preallocated buffer (read +
   write) and ``clone`` (a fresh tensor: includes first-touch page faults);
@@ -28,51 +30,26 @@ token within 2x of bnb's packed kernel; training path no slower than bnb's.
 """
 import argparse
 import copy
-import json
 import logging
 import os
-import platform
 import resource
-import sys
-import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
+import torch.nn as nn
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-
-from adaptkit.nf4 import NF4Linear, dequantize_nf4, quantize_nf4  # noqa: E402
-
-
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+import _common as C
+from adaptkit.nf4 import NF4Linear, dequantize_nf4, quantize_nf4
 
 
 def race(cands: dict, reps: int, dev: torch.device) -> dict:
     """Best time (ms) of each callable over ``reps`` rounds, taking turns within a round (each
-    called once before timing)."""
-    for fn in cands.values():
-        fn()
-    best = dict.fromkeys(cands, float("inf"))
-    for _ in range(reps):
-        for k, fn in cands.items():
-            sync(dev)
-            t0 = time.perf_counter()
-            fn()
-            sync(dev)
-            best[k] = min(best[k], 1e3 * (time.perf_counter() - t0))
-    return best
+    called once untimed first): :func:`_common.interleaved` reduced by ``min``."""
+    clocks = {k: C.timed(fn, dev) for k, fn in cands.items()}
+    return {k: 1e3 * v for k, v in C.interleaved(clocks, 1, reps, min).items()}
 
 
 def once_ms(fn, dev) -> float:
-    sync(dev)
-    t0 = time.perf_counter()
-    fn()
-    sync(dev)
-    return 1e3 * (time.perf_counter() - t0)
+    return 1e3 * C.timed(fn, dev)()
 
 
 def maxrss_mb() -> float:
@@ -92,28 +69,23 @@ def load_bnb(dev: torch.device):
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="2048^2 weight, fewer repetitions")
+    ap = C.base_parser(__doc__.splitlines()[0], quick_help="2048^2 weight, fewer repetitions",
+                       json_default="runs/bench_nf4[_quick].json")
     ap.add_argument("--size", type=int, default=None, help="weight is size x size (default 4096)")
-    ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda (bnb columns: CPU only)")
+    ap.add_argument("--reps", type=int, default=None, help="timed rounds (default 9; quick 3)")
     ap.add_argument("--no-layer", action="store_true", help="skip the layer part")
-    ap.add_argument("--out", default=str(ROOT / "runs" / "bench_nf4.json"))
+    ap.add_argument("--out", dest="json", help=argparse.SUPPRESS)  # deprecated alias of --json
+    C.add_device(ap)  # bnb columns: CPU only
     args = ap.parse_args(argv)
+    C.start(args)
     dev = torch.device(args.device)
     size = args.size or (2048 if args.quick else 4096)
     reps = args.reps or (3 if args.quick else 9)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     bnb = load_bnb(dev)
     gb = size * size * 4 / 1e9  # GB of fp32 weight
-    res = {"env": {"torch": torch.__version__, "bitsandbytes": getattr(bnb, "__version__", None),
-                   "device": str(dev), "threads": torch.get_num_threads(),
-                   "cpu": platform.processor() or platform.machine(),
-                   "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                   "loadavg_start": os.getloadavg()[0], "size": size, "reps": reps}}
+    res = {"env": C.env_info(dev, bitsandbytes=getattr(bnb, "__version__", None), quick=args.quick,
+                             loadavg_start=os.getloadavg()[0], size=size, reps=reps)}
 
     w = torch.randn(size, size, device=dev)
     if dev.type == "cpu":  # memory first, before anything else raises the process's peak RSS
@@ -154,11 +126,7 @@ def main(argv=None) -> dict:
     res["targets"] = targets(res)
     res["env"]["loadavg_end"] = os.getloadavg()[0]
     report(res)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
-    print(f"\nwrote {out}")
-    return res
+    return C.write_json(C.json_path(args, "bench_nf4"), res)
 
 
 def bench_layer(w: torch.Tensor, bnb, reps: int, dev: torch.device, read_gbps: float) -> list:

@@ -1,7 +1,10 @@
 """NF4 storage on a real model: the MiniLM encoder (all-MiniLM-L6-v2) with its 36 Linear
 weights quantised by ``adaptkit.nf4.quantize``, with and without double quantisation.
 
-    python benchmarks/bench_nf4_model.py [--out runs/bench_nf4_model.json] [--threads N]
+    python benchmarks/bench_nf4_model.py [--quick] [--json PATH] [--threads N]
+
+(a few seconds: ``--quick`` runs the same measurement and only writes
+runs/bench_nf4_model_quick.json instead of runs/bench_nf4_model.json; CPU only, as RSS is.)
 
 Per variant (each in its own child process, so one variant's freed memory cannot hide
 another's) it reports:
@@ -24,24 +27,22 @@ import ctypes
 import gc
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "examples"))  # minibert.py: the pure-torch MiniLM loader
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import _common as C
+
+sys.path.insert(0, os.path.join(C.ROOT, "examples"))  # minibert.py: the pure-torch MiniLM loader
 
 TARGETS = r".*\.(query|key|value|dense)"  # the 36 encoder Linears (minibert.py docstring)
 SENTENCES = ["a gripping, beautifully shot film", "the plot goes nowhere and the jokes fall flat",
              "an ordinary afternoon at the museum", "I would watch it again tomorrow"]
-MiB = 2 ** 20
+MiB = C.MiB
 
 
 def rss_bytes() -> int:
@@ -57,11 +58,6 @@ def rss_bytes() -> int:
     except ImportError:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def tensor_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer (what the model itself keeps resident)."""
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
 def nf4_storage(model: nn.Module) -> dict:
@@ -93,7 +89,7 @@ def child(double_quant: bool) -> dict:
     ak.nf4.quantize(nn.Sequential(nn.Linear(384, 384)), targets="0", double_quant=double_quant)
     rss0 = rss_bytes()
     model, _ = load_minilm()
-    float_bytes = tensor_bytes(model)
+    float_bytes = C.tensor_bytes(model)  # parameters + buffers: what the model keeps resident
     linear_params = sum(m.weight.numel() for m in model.modules() if type(m) is nn.Linear)
     with torch.no_grad():
         ref = model(ids, mask)  # (4, 384) mean-pooled embeddings
@@ -108,19 +104,19 @@ def child(double_quant: bool) -> dict:
     return {
         "double_quant": double_quant, "paths": len(paths), "linear_params": linear_params,
         **nf4_storage(model),
-        "model_bytes_before": float_bytes, "model_bytes_after": tensor_bytes(model),
+        "model_bytes_before": float_bytes, "model_bytes_after": C.tensor_bytes(model),
         "rss_bytes_before_load": rss0, "rss_bytes_float": rss_float, "rss_bytes_nf4": rss_nf4,
         "quantize_s": t_quant, "embedding_cosine_min": float(cos.min()),
     }
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=str(ROOT / "runs" / "bench_nf4_model.json"))
-    ap.add_argument("--threads", type=int, default=1)
+    ap = C.base_parser(__doc__.split("\n")[0], quick_help="the same (seconds-long) run, written to the _quick JSON",
+                       json_default="runs/bench_nf4_model[_quick].json")
+    ap.add_argument("--out", dest="json", help=argparse.SUPPRESS)  # deprecated alias of --json
     ap.add_argument("--child", choices=["dq", "plain"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    C.start(args)
     if args.child:
         print(json.dumps(child(args.child == "dq")))
         return 0
@@ -152,13 +148,11 @@ def main(argv=None) -> int:
               f"{r['rss_bytes_before_load'] / MiB:.1f} MiB, RSS drop "
               f"{(r['rss_bytes_float'] - r['rss_bytes_nf4']) / MiB:.1f} MiB vs tensor-byte drop "
               f"{(r['model_bytes_before'] - r['model_bytes_after']) / MiB:.1f} MiB")
-    res = {"bench": "bench_nf4_model", "model": "all-MiniLM-L6-v2 (examples/minibert.py)",
-           "targets": TARGETS, "blocksize": 64, "torch": torch.__version__,
-           "python": platform.python_version(), "threads": args.threads,
-           "cpu": platform.processor() or platform.machine(), "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2))
-    print(f"wrote {args.out}")
+    env = C.env_info(quick=args.quick)
+    C.write_json(C.json_path(args, "bench_nf4_model"), {
+        "bench": "bench_nf4_model", "model": "all-MiniLM-L6-v2 (examples/minibert.py)",
+        "targets": TARGETS, "blocksize": 64, "torch": env["torch"], "python": env["python"],
+        "threads": env["threads"], "cpu": env["cpu"], "env": env, "rows": rows})
     return 0
 
 

@@ -25,8 +25,7 @@ case "${1:-tests}" in
     for b in "bench_layers.py --device cuda" "bench_model.py --device cuda" \
              "bench_methods.py --device cuda --dtypes fp32,bf16" "bench_nf4.py --device cuda"; do
       name=${b%%.py*}
-      flag=--json; [ "$name" = bench_nf4 ] && flag=--out
-      "$PY" benchmarks/$b $flag "$OUT/$name.json" > "$OUT/$name.log" 2>&1; r=$?
+      "$PY" benchmarks/$b --json "$OUT/$name.json" > "$OUT/$name.log" 2>&1; r=$?
       echo "== $b: exit $r"; tail -25 "$OUT/$name.log"; rc=$((rc | r))
     done
     ;;
