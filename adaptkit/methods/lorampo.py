@@ -43,12 +43,16 @@ degenerate "lora" shapes run as two plain matmuls, ``r*(in + out)``, as LoRA); t
 temporary is ``(N, i1, r, o2)`` or ``(N, r, o1, i2)``. Dense: build ``ΔW`` (out, in) from the
 cores (``r*out*in``) and run one ``F.linear`` (``D = out*in`` per token). For a square d x d layer
 with balanced factors ``F = 2 r d^1.5`` against ``D = d^2``. The choice uses a cost model fitted
-on CPU (fwd + bwd, 7 layer shapes, ranks 4-16, 1-256 tokens): an einsum multiply-add costs about
-twice a GEMM's (its temporary is permuted and re-read), and ΔW with its backward about
-``3 r D``; so the dense route runs from ``dense_from = 3 r D / (2 F - D)`` tokens when
-``2 F > D`` (36 tokens for 768 x 768 at rank 16, 72 for 3072 x 768; never at rank 4, nor for
-4096 x 4096 at rank 16, where 2 F = D: measured, the factored route stayed cheaper to 256
-tokens). The fit is CPU's; on other devices it is a reasonable default, not a measurement.
+on CPU (fwd + bwd, 7 layer shapes, ranks 4-16, 1-256 tokens, the folded dense route below): an
+einsum multiply-add costs about twice a GEMM's (its temporary is permuted and re-read), the dense
+route ~0.8 D per token over the base, building ΔW with its backward ~3 r D; so the dense route
+runs from ``dense_from = 3 r D / (2 F - 0.8 D)`` tokens when ``2 F > 0.8 D`` (measured crossover
+in brackets: 31 tokens for 768 x 768 at rank 16 (~25), 56 for 3072 x 768 (~55), 240 for
+4096 x 4096 (~240); never at rank 4 (768 x 768: even at 256 tokens). The fit is CPU's; on other
+devices it is a reasonable default, not a measurement.
+On the dense route, when this adapter is first in the active set, W is fp32 and no dropout
+applies, ΔW is folded into the base matmul, ``y = x (W + s ΔW)^T + b`` (core hook
+``Adapter.fuses_base``): one GEMM forward and one for the input gradient instead of two each.
 ``delta_weight`` builds the dense fp32 ``s ΔW``; merge / unmerge add / subtract it (the Adapter
 defaults). Kinds: ``nn.Linear`` and GPT-2's transposed ``Conv1D``.
 
@@ -225,7 +229,8 @@ class LoRAMPOAdapter(Adapter):
         self.b_first = inp * o2 + out * i1 <= inp * o1 + out * i2
         f, d = rank * min(inp * o2 + out * i1, inp * o1 + out * i2), out * inp  # MACs per token
         # tokens per call from which building ΔW and one dense matmul is faster (docstring)
-        self.dense_from = 3 * rank * d / (2 * f - d) if 2 * f > d and mode == "kron" else float("inf")
+        gain = 2 * f - 0.8 * d  # what the dense route saves per token (fitted units)
+        self.dense_from = 3 * rank * d / gain if gain > 0 and mode == "kron" else float("inf")
         self.reset(layer)
 
     @torch.no_grad()
@@ -270,7 +275,25 @@ class LoRAMPOAdapter(Adapter):
         """``s * sum_k kron(A[..., k], B[k])`` in fp32, native shape."""
         return layer.from_2d(self.scale * self._kron_sum(self.mpo_A.float(), self.mpo_B.float()))
 
+    fuses_base = True  # first in the active set: ΔW may ride in the base matmul (_folds)
+
+    def _folds(self, x: torch.Tensor, layer: AdaptedLayer) -> bool:
+        """Whether this call computes ``x (W + s ΔW)^T`` in one matmul: the dense route, and
+        nothing the sum would change (an fp32 W keeps the delta's precision; dropout would
+        see another input than the base)."""
+        return (layer.weight.dtype == torch.float32 and not (self.p and self.training)
+                and x.numel() // layer.in_features >= self.dense_from)
+
+    def base_forward(self, x: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
+        w, b = layer.weight, layer.bias
+        if not self._folds(x, layer):
+            return layer.base_op(x, w, b)
+        k = self._kron_sum(self.mpo_A, self.mpo_B).to(w.dtype)  # (out, in)
+        return layer.base_op(x, w + self.scale * layer.from_2d(k), b)
+
     def apply(self, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
+        if layer._active[0] is self and self._folds(x, layer):
+            return y                                         # ΔW x is in y (base_forward)
         A, B = self.mpo_A, self.mpo_B
         (o1, o2), (i1, i2) = self.out_shape, self.in_shape
         if self.p and self.training:

@@ -143,13 +143,13 @@ def test_forward_equals_dense_reference(out, inp, oshape, ishape, mode, order):
 
 def test_dense_route_from_the_token_count_where_it_is_cheaper():
     # (32, 32) -> (4, 8) x (4, 8): factored F = r*(32*8 + 32*4) = 384 r MACs per token, dense
-    # D = 1024; the cost model's crossover 3 r D / (2 F - D) at rank 8: 24576 / 5120 = 4.8 tokens
+    # D = 1024; the cost model's crossover 3 r D / (2 F - 0.8 D) at rank 8: 24576 / 5324.8 = 4.6
     model = Net(_linear(32, 32))
     ak.inject(model, ak.LoRAMPO(rank=8, alpha=3.0, targets=r"layers\.0"))
     randomise_adapters(model, 0.2)
     layer = model.layers[0]
     ad = layer.adapters["default"]
-    assert ad.dense_from == pytest.approx(4.8)
+    assert ad.dense_from == pytest.approx(24576 / 5324.8)
     calls = []
     real = torch.einsum
     with pytest.MonkeyPatch.context() as mp:
@@ -161,10 +161,45 @@ def test_dense_route_from_the_token_count_where_it_is_cheaper():
                                         layer.bias.double())
             torch.testing.assert_close(layer(x).double(), want, rtol=1e-5, atol=1e-5)
             assert bool(calls) == factored, n
-    # a low rank never goes dense: 2 F <= D
+    # a low rank never goes dense: 2 F <= 0.8 D
     m2 = Net(_linear(32, 32))
     ak.inject(m2, ak.LoRAMPO(rank=1, targets=r"layers\.0"))
     assert m2.layers[0].adapters["default"].dense_from == float("inf")
+
+
+def test_dense_route_folds_into_the_base_matmul_only_when_exact():
+    """First active, fp32 W, no dropout in training: ``x (W + s ΔW)^T`` in one matmul (the
+    base op sees a weight other than W); otherwise ΔW x is added in apply. Same function."""
+    def build(**kw):
+        model = Net(_linear(32, 32))
+        ak.inject(model, ak.LoRAMPO(rank=8, alpha=3.0, targets=r"layers\.0", **kw))
+        randomise_adapters(model, 0.2)
+        return model, model.layers[0]
+    x = torch.randn(16, 32)                              # 16 >= dense_from (4.6)
+    model, layer = build()
+    ad = layer.adapters["default"]
+    seen = []
+    real = layer.base_op
+    layer.base_op = lambda x_, w, b: seen.append(w is layer.weight) or real(x_, w, b)
+    want = nn.functional.linear(x.double(), layer.weight.double() + _kron_ref(ad), layer.bias.double())
+    torch.testing.assert_close(layer(x).double(), want, rtol=1e-5, atol=1e-5)
+    assert seen == [False]                               # folded: W + s ΔW went to the base op
+    seen.clear()
+    layer(x[:4])                                         # below dense_from: plain base, einsums
+    assert seen == [True]
+    # not first in the active set: the dense route runs in apply, after another adapter
+    ak.inject(model, ak.LoRA(rank=2, alpha=2, targets=r"layers\.0"), name="first")
+    layer.set_active(["first", "default"])
+    randomise_adapters(model, 0.2)
+    seen.clear()
+    want = nn.functional.linear(x.double(), layer.dense_weight(["first", "default"]).double(),
+                                layer.bias.double())
+    torch.testing.assert_close(layer(x).double(), want, rtol=1e-5, atol=1e-5)
+    assert seen == [True]
+    # dropout in training never folds (the base must see x, the adapter dropout(x))
+    _, layer2 = build(dropout=0.5)
+    ad2 = layer2.adapters["default"]
+    assert not ad2._folds(x, layer2.train()) and ad2._folds(x, layer2.eval())
 
 
 def test_contraction_order_is_the_cheaper_one():
