@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import adaptkit as ak
 from adaptkit.cli import main
+from conftest import randomise_adapters
 
 
 def start(*args):
@@ -155,10 +156,7 @@ def test_merge_of_a_qlora_adapter_equals_ak_merge(tmp_path):
     model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 32))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "base.safetensors"))
     ak.inject(model, ak.QLoRA(rank=4, alpha=6, targets=r"0|2"))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.1)
+    randomise_adapters(model, 0.1)
     ak.save(model, tmp_path / "ad.safetensors")
     want = ak.merge(model).state_dict()
     assert main(["merge", str(tmp_path / "base.safetensors"), str(tmp_path / "ad.safetensors"),
