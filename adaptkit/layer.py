@@ -4,7 +4,7 @@ Module diagram (one wrapped ``nn.Linear``; the same for Conv / Embedding / GPT-2
 
         x ──► base op (W, b) ─────────────────────────────┐
         │                                                 ▼
-        ├──► adapters["a"].apply(x, y, layer) ─► y + Δ_a(x) ─► ... ─► y
+        ├──► adapters["a"].update(x, y, layer) ─► y + Δ_a(x) ─► ... ─► y
         └──► adapters["b"] ...
 
 The wrapper *is* an instance of the base class (a dynamic subclass, ``AdaptedLinear`` of
@@ -68,7 +68,7 @@ def base_kind(m: nn.Module) -> str | None:
 class Adapter(nn.Module):
     """One named adapter on one layer. Methods subclass this.
 
-    ``apply(x, y, layer)`` returns ``y`` plus this adapter's update (``y`` is the base
+    ``update(x, y, layer)`` returns ``y`` plus this adapter's update (``y`` is the base
     output, possibly already holding other adapters' updates); ``delta_weight(layer)``
     returns the dense update in fp32 in the base weight's native shape. ``merge_weight`` /
     ``unmerge_weight`` map a fp32 weight to the merged / unmerged one (default: +/- delta;
@@ -83,7 +83,7 @@ class Adapter(nn.Module):
     def base_forward(self, x: torch.Tensor, layer: "AdaptedLayer") -> torch.Tensor:
         return layer.base_op(x, layer.weight, layer.bias)
 
-    def apply(self, x: torch.Tensor, y: torch.Tensor, layer: "AdaptedLayer") -> torch.Tensor:
+    def update(self, x: torch.Tensor, y: torch.Tensor, layer: "AdaptedLayer") -> torch.Tensor:
         raise NotImplementedError
 
     def delta_weight(self, layer: "AdaptedLayer") -> torch.Tensor:
@@ -193,7 +193,7 @@ class AdaptedLayer(nn.Module):
             p = self._parameters  # (a quantised base keeps its packed weight as a buffer)
             y = self.base_op(x, p["weight"] if "weight" in p else self._buffers["weight"], p.get("bias"))
         for a in act:
-            y = a.apply(x, y, self)
+            y = a.update(x, y, self)
         return y
 
     # ---- active set, merge / unmerge --------------------------------------------------

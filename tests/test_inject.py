@@ -256,3 +256,14 @@ def test_multihead_attention_out_proj_is_never_adapted():
         ak.inject(m2, ak.LoRA(rank=2, targets=r"self_attn\.out_proj|linear1"))
     assert not any(isinstance(x, AdaptedLayer) for x in m2.modules())
     assert all(torch.equal(before[k], v) for k, v in m2.state_dict().items())
+
+
+@pytest.mark.parametrize("method", sorted(ak.methods.METHODS))
+def test_module_apply_works_after_inject(method):
+    """nn.Module.apply(fn) (transformers' post_init, init helpers) reaches every module of an
+    injected model: the adapter hook is ``update``, so it no longer shadows Module.apply."""
+    m = LM()
+    ak.inject(m, ak.methods.METHODS[method](rank=2, targets=r".*\.q_proj"))
+    seen = []
+    m.apply(lambda mod: seen.append(type(mod).__name__))
+    assert len(seen) == len(list(m.modules())) and any(s.startswith("Adapted") for s in seen)

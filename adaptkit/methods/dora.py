@@ -183,7 +183,7 @@ class DoRAAdapter(LoRAAdapter):
         self._wsq: tuple | None = None
         self._ncache: tuple | None = None
         self._merge_norm: torch.Tensor | None = None
-        self._wat: tuple | None = None  # (key, W A^T) from base_forward, used by the next apply
+        self._wat: tuple | None = None  # (key, W A^T) from base_forward, used by the next update
 
     def attach(self, layer: AdaptedLayer) -> None:
         super().attach(layer)  # residual inits (pissa / olora) change W first
@@ -273,7 +273,7 @@ class DoRAAdapter(LoRAAdapter):
         conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
         return conv(h, (self.scale * B).view(*B.shape, *[1] * nd))  # B as (out, r, 1..)
 
-    def apply(self, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
+    def update(self, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
         n = self.row_norm(layer)
         m = self.lora_magnitude
         cd = y.dim() - (layer.weight.dim() - 1) if layer.kind == "conv" else y.dim() - 1

@@ -187,7 +187,7 @@ class GeoLoRAAdapter(Adapter):
         U, S, V = (t.float() for t in self.factors())
         return layer.from_2d(self.scale * (U @ S @ V.t()))  # (out, in) -> native shape
 
-    def apply(self, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
+    def update(self, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
         if self.p and self.training:
             x = F.dropout(x, self.p, True)
         d = GeoLoRAFunction.apply(x.to(self.U.dtype), self.U, self.S, self.V, self.rank, self.scale)

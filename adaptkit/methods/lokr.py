@@ -202,7 +202,7 @@ class LoKrAdapter(Adapter):
             y = torch.bmm(w1, u)  # (T, a, b)
         return y.reshape(*lead, a * b)  # (T, a, b) -> (..., out), out index = i_a * b + i_b
 
-    def apply(self, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
+    def update(self, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
         mask = keep = None
         if self.training:
             if self.module_dropout:

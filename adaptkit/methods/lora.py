@@ -124,7 +124,7 @@ class LoRAAdapter(Adapter):
         d = self.scale * (self.lora_B.float() @ self.lora_A.float())  # (out, in_flat)
         return layer.from_2d(d)
 
-    def apply(self, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
+    def update(self, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
         # _parameters directly: nn.Module.__getattr__ costs ~0.5 us a lookup, paid on every
         # adapted layer of every call (the per-layer overhead budget is 10 us)
         p = self._parameters

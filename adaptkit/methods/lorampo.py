@@ -291,7 +291,7 @@ class LoRAMPOAdapter(Adapter):
         k = self._kron_sum(self.mpo_A, self.mpo_B).to(w.dtype)  # (out, in)
         return layer.base_op(x, w + self.scale * layer.from_2d(k), b)
 
-    def apply(self, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
+    def update(self, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
         if layer._active[0] is self and self._folds(x, layer):
             return y                                         # ΔW x is in y (base_forward)
         A, B = self.mpo_A, self.mpo_B

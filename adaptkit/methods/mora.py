@@ -178,7 +178,7 @@ class _MoRAState:
     """What MoRAAdapter and MoRALinear share: attributes ``mora_M`` (r̂, r̂), ``mora_type``,
     ``r_hat``, ``p`` (dropout), ``in_features``, ``out_features``, ``_tables``."""
 
-    def update(self, x: torch.Tensor) -> torch.Tensor:
+    def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
         M = self.mora_M
         if self.p and self.training:
             x = F.dropout(x, self.p, True)
@@ -253,8 +253,8 @@ class MoRAAdapter(_MoRAState, Adapter):
         self.r_hat, self.mora_type, self.p, self._tables = r_hat, mora_type, float(dropout), {}
         self.mora_M = nn.Parameter(torch.zeros(r_hat, r_hat, device=w.device, dtype=w.dtype))
 
-    def apply(self, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
-        return y + self.update(x).to(y.dtype)
+    def update(self, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
+        return y + self.delta_forward(x).to(y.dtype)
 
     def delta_weight(self, layer: AdaptedLayer) -> torch.Tensor:
         return layer.from_2d(self.dense_delta())

@@ -5,7 +5,7 @@ arXiv 2405.12130), and ``apply_mora_linear`` to swap a model's nn.Linear layers 
 
 C / D, r̂ and the types are those of ``mora.py`` (module docstring there); here the
 default ``mora_type`` is 6 (the DESIGN signature). The update runs by reshapes and sums
-(``_MoRAState.update``); ``merge`` folds the exact dense ΔW = D·M·C (out, in) into W.
+(``_MoRAState.delta_forward``); ``merge`` folds the exact dense ΔW = D·M·C (out, in) into W.
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ class MoRALinear(nn.Linear, _MoRAState):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        return y if self.merged else y + self.update(x).to(y.dtype)
+        return y if self.merged else y + self.delta_forward(x).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW (out, in) in fp32 (fp64 for a fp64 layer)."""

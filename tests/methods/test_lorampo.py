@@ -243,7 +243,7 @@ def test_forward_never_builds_the_dense_delta(mode, monkeypatch):
     monkeypatch.setattr(torch, "kron", boom)
     y0 = nn.functional.linear(x.detach(), layer.weight, layer.bias)  # base part, outside the record
     with _Shapes() as rec:
-        y = ad.apply(x, y0, layer)                        # the adapter's part of the forward
+        y = ad.update(x, y0, layer)                        # the adapter's part of the forward
         y.sum().backward()                                # and its backward
     assert rec.numels, "nothing recorded"
     biggest = max(rec.numels, key=lambda r: r[2])
