@@ -193,6 +193,8 @@ def refresh(model: nn.Module) -> None:
             if q in params:
                 params[q].requires_grad_(False)
     for _, layer in adapted_layers(model):
+        if layer.owns_adapters:  # ak.MoRALinear: its adapter is not the model's to switch
+            continue
         layer.set_active(st.active)
         for n, a in layer.adapters.items():
             a.requires_grad_(n in st.active)
@@ -222,6 +224,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model: every adapter is skipped (merged ones are unmerged meanwhile)."""
     layers = adapted_layers(model)
     merged = {p: [n for n, a in l.adapters.items() if a.merged] for p, l in layers}
+    active = {p: l._active_names for p, l in layers}
     for _, layer in layers:
         layer.unmerge()
         layer.set_active([])
@@ -230,6 +233,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for p, layer in layers:
             layer.merge(merged[p], check=False)
+            layer.set_active(active[p])
         refresh(model)
 
 
@@ -282,6 +286,8 @@ def summary(model: nn.Module) -> Summary:
                    for n, s in st.specs.items()}
     for path, layer in adapted_layers(model):
         for n, a in layer.adapters.items():
+            if n not in st.specs:  # a module's own adapter (ak.MoRALinear)
+                continue
             k = sum(p.numel() for p in a.parameters())
             per_layer.append((path, n, st.specs[n].method, k))
             per_adapter[n]["layers"] += 1

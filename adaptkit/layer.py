@@ -1,20 +1,22 @@
-"""The AdapterLayer protocol and the wrapper that carries adapters on a base module.
+"""The adapted layer: a base module plus named adapters, and the Adapter protocol.
 
-Module diagram (one wrapped ``nn.Linear``; the same for Conv / Embedding / GPT-2 Conv1D)::
+Module diagram (one wrapped ``nn.Linear``; the same for Conv / Embedding / GPT-2 Conv1D / NF4)::
 
-        x ──► base op (W, b) ─────────────────────────────┐
+        x ──► layer.base.forward (W, b) ──────────────────┐
         │                                                 ▼
         ├──► adapters["a"].update(x, y, layer) ─► y + Δ_a(x) ─► ... ─► y
         └──► adapters["b"] ...
 
 The wrapper *is* an instance of the base class (a dynamic subclass, ``AdaptedLinear`` of
 ``nn.Linear`` etc.) and takes over the base's own ``weight`` / ``bias`` Parameters, so
-``isinstance`` checks in user code still hold and the base state-dict keys are unchanged
-(DESIGN invariant 3). Adapter parameters live under ``<path>.adapters.<name>.<param>``.
-The original module object is kept out of the module tree and handed back by ``unwrap``.
+``isinstance`` checks in user code still hold and the base state-dict keys are unchanged.
+Adapter parameters live under ``<path>.adapters.<name>.<param>``. What depends on the kind
+of base (its op, its weight's layout and storage) is asked of ``layer.base``, one
+:class:`adaptkit.base.Base` per kind, which also keeps the original module for ``unwrap``.
 
-Every adapter implements the small :class:`Adapter` protocol; ``delta_weight`` is the one
-source of truth (invariant 1), fast forward paths must agree with it.
+An adapter implements :class:`Adapter`: ``update`` and ``delta_weight`` are required,
+``delta_weight`` being the one source of truth that fast forward paths must agree with
+(docs/ARCHITECTURE.md, "Invariants").
 """
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from .base import BASES, KINDS, Base, base_for
 from .errors import AdaptkitError
 
 try:
@@ -31,7 +33,6 @@ try:
 except ImportError:  # torch 2.2
     from torch._dynamo import is_compiling
 
-KINDS = ("linear", "conv1d_t", "conv", "embedding")
 
 
 def tracing() -> bool:
@@ -43,45 +44,30 @@ def tracing() -> bool:
 
 
 def base_kind(m: nn.Module) -> str | None:
-    """Classify a module as an adaptable base, or None.
-
-    "conv1d_t" is a Linear-like with a transposed (in, out) weight, GPT-2's ``Conv1D``,
-    recognised by duck typing (class name, ``nf`` and weight shape) so that transformers
-    is never imported."""
+    """The kind of an adaptable base (see adaptkit/base.py), or None."""
     if isinstance(m, AdaptedLayer):
-        return m.kind
-    if getattr(m, "adaptkit_drop_in", False):
-        return None  # ak.MoRALinear carries its own update: wrapping it would drop that update
-    if isinstance(m, nn.Linear):
-        return "linear"
-    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return "conv"
-    if isinstance(m, nn.Embedding):
-        return "embedding"
-    w = getattr(m, "weight", None)
-    if (type(m).__name__ == "Conv1D" and isinstance(getattr(m, "nf", None), int)
-            and isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[1] == m.nf):
-        return "conv1d_t"
-    return None
+        return None if m.owns_adapters else m.kind
+    b = base_for(m)
+    return None if b is None else b.kind
 
 
 class Adapter(nn.Module):
-    """One named adapter on one layer. Methods subclass this.
+    """One named adapter on one layer. A method writes the first two; the rest have defaults.
 
-    ``update(x, y, layer)`` returns ``y`` plus this adapter's update (``y`` is the base
-    output, possibly already holding other adapters' updates); ``delta_weight(layer)``
-    returns the dense update in fp32 in the base weight's native shape. ``merge_weight`` /
-    ``unmerge_weight`` map a fp32 weight to the merged / unmerged one (default: +/- delta;
-    DoRA overrides them).
+    update(x, y, layer)        y plus this adapter's contribution to the output (y: the base
+                               output, possibly holding other adapters' updates already)
+    delta_weight(layer)        the dense update, fp32, in the base weight's native shape
+    merge_weight(layer, w32)   the merged weight from an fp32 weight (default: w32 + delta)
+    unmerge_weight(layer, w32) its inverse (default: w32 - delta; DoRA overrides both)
+    attach(layer)              once, on joining the layer (residual inits change W here)
+    layer_state() / load_layer_state(state, path)  per-layer JSON saved in the file (a rank)
+    base_forward(x, layer)     the base output, when ``fuses_base`` and first in the active set
     """
 
     merged: bool = False
     # True: when first in the active set, ``base_forward(x, layer)`` computes the base output
     # (DoRA pushes its A rows through the same GEMM as x; see methods/dora.py)
     fuses_base: bool = False
-
-    def base_forward(self, x: torch.Tensor, layer: "AdaptedLayer") -> torch.Tensor:
-        return layer.base_op(x, layer.weight, layer.bias)
 
     def update(self, x: torch.Tensor, y: torch.Tensor, layer: "AdaptedLayer") -> torch.Tensor:
         raise NotImplementedError
@@ -96,102 +82,98 @@ class Adapter(nn.Module):
         return w32 - self.delta_weight(layer)
 
     def attach(self, layer: "AdaptedLayer") -> None:
-        """Called once the adapter joins ``layer`` (residual inits change W here)."""
+        pass
 
     def layer_state(self) -> dict[str, Any]:
-        """Per-layer JSON state saved in the file's ``adaptkit.layers`` (e.g. a rank)."""
         return {}
 
     def load_layer_state(self, state: dict[str, Any], path: str) -> None:
-        """Restore per-layer state before tensors are loaded (shapes may depend on it)."""
+        pass
+
+    def base_forward(self, x: torch.Tensor, layer: "AdaptedLayer") -> torch.Tensor:
+        return layer.base.forward(layer, x)
 
 
 @runtime_checkable
 class AdapterLayer(Protocol):
     """What adaptkit's free functions (inject, merge, io, combine) rely on in a layer that
-    carries adapters: a ``ModuleDict`` of :class:`Adapter` by name, the base op and the
-    2D weight view, and per-layer merge bookkeeping. :class:`AdaptedLayer` implements it."""
+    carries adapters: a mapping of :class:`Adapter` by name, its :class:`~adaptkit.base.Base`,
+    and per-layer merge bookkeeping. :class:`AdaptedLayer` implements it."""
 
-    adapters: nn.ModuleDict
-    kind: str
+    adapters: Any
+    base: Base
 
-    def base_op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
     def set_active(self, names: list[str]) -> None: ...
     def dense_weight(self, extra: list[str] | None = None) -> torch.Tensor: ...
-    def merge(self, names: list[str], check: bool = True) -> None: ...
+    def merge(self, names: list[str] | None = None, check: bool = True) -> None: ...
     def unmerge(self) -> None: ...
-    def unwrap(self) -> nn.Module: ...
+    def unload(self, requantize: bool = False) -> nn.Module: ...
 
 
 class AdaptedLayer(nn.Module):
-    """Mixin of the dynamic wrapper classes (implements :class:`AdapterLayer`); see the
-    module docstring."""
+    """Mixin of the wrapper classes (implements :class:`AdapterLayer`); see the module
+    docstring. Everything that depends on the kind of base is asked of ``self.base``."""
 
-    kind: str
     _base_cls: type
+    # True for a module that carries its own adapter (ak.MoRALinear): inject never wraps it
+    # and the model's active set (ak.set_active, refresh) leaves its adapter alone
+    owns_adapters: bool = False
 
-    def _adopt(self, base: nn.Module) -> None:
+    def _adopt(self, module: nn.Module, base: Base) -> None:
         nn.Module.__init__(self)
-        for k, v in base.__dict__.items():  # in_features, stride, padding_idx, nf, ...
+        for k, v in module.__dict__.items():  # in_features, stride, padding_idx, nf, ...
             if k not in self.__dict__ and not k.startswith("_") or k in (
                     "_reversed_padding_repeated_twice",):
                 self.__dict__[k] = v
-        self.training = base.training
-        self._parameters.update(base._parameters)  # same Parameter objects: keys unchanged
-        self._buffers.update(base._buffers)
-        self._modules.update(base._modules)
+        self.training = module.training
+        self._parameters.update(module._parameters)  # same Parameter objects: keys unchanged
+        self._buffers.update(module._buffers)
+        self._modules.update(module._modules)
         if "bias" not in self._parameters:
-            self.__dict__["bias"] = None  # Embedding: lets base_op / adapters say layer.bias
+            self.__dict__["bias"] = None  # Embedding: lets base ops / adapters say layer.bias
         self.adapters = nn.ModuleDict()
-        self.__dict__["_base"] = base  # kept outside the module tree
+        self.__dict__["base"] = base  # holds the original module, outside the module tree
         self.__dict__["_active"] = ()  # unmerged active adapters, in order
         self.__dict__["_active_names"] = []
 
-    # ---- the base op and weight views --------------------------------------------------
-    def base_op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """The frozen base computation with an arbitrary weight (dense reference)."""
-        k = self.kind
-        if k == "linear":
-            return F.linear(x, weight, bias)
-        if k == "conv1d_t":
-            y = x @ weight  # (..., in) @ (in, out) -> (..., out)
-            return y + bias if bias is not None else y
-        if k == "conv":
-            return self._conv_forward(x, weight, bias)
-        return F.embedding(x, weight, self.padding_idx, self.max_norm, self.norm_type,
-                           self.scale_grad_by_freq, self.sparse)
+    # ---- views through the base (the adapters' API) -------------------------------------
+    @property
+    def kind(self) -> str:
+        return self.base.kind
 
     @property
-    def out_features(self) -> int:  # noqa: D401 - uniform across kinds
-        k, w = self.kind, self.weight
-        return w.shape[1] if k in ("conv1d_t", "embedding") else w.shape[0]
+    def out_features(self) -> int:
+        return self.base.features(self)[0]
 
     @property
     def in_features(self) -> int:
-        """Flattened fan-in of the 2D view: in (linear), in/groups*k (conv), vocab (embedding)."""
-        k, w = self.kind, self.weight
-        return w.shape[0] if k in ("conv1d_t", "embedding") else w[0].numel()
+        """Fan-in of the 2D view: in (linear), in/groups*k (conv), vocab (embedding)."""
+        return self.base.features(self)[1]
+
+    @property
+    def param_kw(self) -> dict:
+        """device / dtype for adapter parameters (an NF4 base: its compute dtype)."""
+        return self.base.param_kw(self)
+
+    def base_op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The frozen base computation with an arbitrary dense weight (dense reference)."""
+        return self.base.op(self, x, weight, bias)
 
     def to_2d(self, w: torch.Tensor) -> torch.Tensor:
-        """Native weight -> (out, in_flat) view (conv: (out, in/g * prod(k)))."""
-        if self.kind in ("conv1d_t", "embedding"):
-            return w.t()  # (in, out) -> (out, in)
-        return w.reshape(w.shape[0], -1)  # (out, in/g, *k) -> (out, in/g*prod(k))
+        """Native weight -> (out, in_flat) view."""
+        return self.base.to_2d(w)
 
     def from_2d(self, d: torch.Tensor) -> torch.Tensor:
         """(out, in_flat) -> native weight shape."""
-        if self.kind in ("conv1d_t", "embedding"):
-            return d.t()
-        return d.reshape(self.weight.shape)  # (out, in_flat) -> (out, in/g, *k)
+        return self.base.from_2d(d, self)
 
     # ---- forward ----------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act = self._active
         if act and act[0].fuses_base:
             y = act[0].base_forward(x, self)
-        else:  # _parameters directly: Module.__getattr__ is a measurable part of the overhead
-            p = self._parameters  # (a quantised base keeps its packed weight as a buffer)
-            y = self.base_op(x, p["weight"] if "weight" in p else self._buffers["weight"], p.get("bias"))
+        else:
+            y = self.base.forward(self, x)
         for a in act:
             y = a.update(x, y, self)
         return y
@@ -204,93 +186,81 @@ class AdaptedLayer(nn.Module):
 
     def dense_weight(self, extra: list[str] | None = None) -> torch.Tensor:
         """fp32 ``W + Σ delta`` of the named adapters (the dense reference)."""
-        w = self.weight.detach().float()
+        w = self.base.read(self)
         for n in extra or []:
             w = self.adapters[n].merge_weight(self, w)
         return w
 
-    def merge(self, names: list[str], check: bool = True) -> None:
-        """Fold the named adapters into W, accumulating in fp32; NaN/inf refuses."""
-        todo = [n for n in names if not self.adapters[n].merged]
+    def merge(self, names: list[str] | None = None, check: bool = True) -> None:
+        """Fold the named adapters (default: the active ones) into W, accumulating in fp32;
+        NaN/inf refuses and changes nothing."""
+        names = self._active_names if names is None else names
+        todo = [n for n in names if n in self.adapters and not self.adapters[n].merged]
         if not todo:
             return
-        w = self.weight.detach().float()
-        for n in todo:
-            w = self.adapters[n].merge_weight(self, w)
+        w = self.dense_weight(todo)
         if check and not torch.isfinite(w).all():
             raise AdaptkitError(f"merge: adapters {todo} give a non-finite weight at this layer; "
                                 f"nothing was merged. Check the adapter weights for NaN/inf")
-        with torch.no_grad():
-            self.weight.copy_(w)
+        self.base.write(self, w)
         for n in todo:
             self.adapters[n].merged = True
         self.set_active(self._active_names)
 
     def unmerge(self) -> None:
-        """Undo merges in reverse order (exact where the math allows)."""
+        """Undo merges in reverse order (exact where the math allows, always for NF4)."""
         done = [n for n, a in self.adapters.items() if a.merged]
         if not done:
             return
-        w = self.weight.detach().float()
-        for n in reversed(done):
-            w = self.adapters[n].unmerge_weight(self, w)
+        if not self.base.restore(self):
+            w = self.base.read(self)
+            for n in reversed(done):
+                w = self.adapters[n].unmerge_weight(self, w)
+            self.base.write(self, w)
+        for n in done:
             self.adapters[n].merged = False
-        with torch.no_grad():
-            self.weight.copy_(w)
         self.set_active(self._active_names)
 
     def unload(self, requantize: bool = False) -> nn.Module:
-        """The plain module ``ak.merge`` puts back: ``unwrap()``. A quantised base (NF4,
-        methods/qlora_nf4.py) overrides it to return a dense layer, or with ``requantize`` a
-        re-quantised one; a float base has nothing to re-quantise."""
-        return self.unwrap()
+        """The plain module ``ak.merge`` puts back (a quantised base: a dense layer, or with
+        ``requantize`` a re-quantised one; see the Base)."""
+        return self.base.unload(self, requantize)
 
     def unwrap(self) -> nn.Module:
         """The original module, holding this wrapper's (possibly merged) parameters."""
-        base = self.__dict__["_base"]
-        for k in base._parameters:
-            base._parameters[k] = self._parameters[k]
-        for k in base._buffers:
-            base._buffers[k] = self._buffers[k]
-        base.train(self.training)
-        return base
+        return self.base.unwrap(self)
 
     def extra_repr(self) -> str:
-        return f"{self._base_cls.__name__}: {self.__dict__['_base'].extra_repr()}"
+        return f"{self._base_cls.__name__}: {self.base.module.extra_repr()}"
 
     def __reduce_ex__(self, protocol):
         # torch.save(model) / pickle: rebuild the run-time wrapper class from the base class
-        return _unpickle, (self._base_cls, self.kind), self.__getstate__()
+        return _unpickle, (self._base_cls,), self.__getstate__()
 
 
 _WRAPPERS: dict[type, type] = {}
 
 
-def wrap(base: nn.Module) -> AdaptedLayer:
-    """Wrap ``base`` (no copy of its parameters); returns the existing wrapper if wrapped."""
-    if isinstance(base, AdaptedLayer):
-        return base
-    kind = base_kind(base)
-    if kind is None:
-        raise AdaptkitError(f"cannot wrap {type(base).__name__}: not an adaptable base")
-    layer = _unpickle(type(base), kind)
-    layer._adopt(base)
+def wrap(module: nn.Module) -> AdaptedLayer:
+    """Wrap ``module`` (no copy of its parameters); returns it if already wrapped."""
+    if isinstance(module, AdaptedLayer):
+        return module
+    base = base_for(module)
+    if base is None:
+        raise AdaptkitError(f"cannot wrap {type(module).__name__}: not an adaptable base")
+    layer = _unpickle(type(module))
+    layer._adopt(module, base)
     return layer
 
 
-def _unpickle(cls: type, kind: str) -> AdaptedLayer:
+def _unpickle(cls: type, *_) -> AdaptedLayer:
     """An empty instance of the wrapper class of ``cls`` (made once per base class). Also
     what pickle calls (``AdaptedLayer.__reduce_ex__``): the wrapper classes are made at run
     time, so pickle cannot find them by name, but it can find the base class."""
     if cls not in _WRAPPERS:
-        # a quantised base (NF4) names the AdaptedLayer overrides its packed weight needs
-        mixin = getattr(cls, "adaptkit_layer_mixin", None)
-        _WRAPPERS[cls] = type(f"Adapted{cls.__name__}",
-                              (AdaptedLayer, cls) if mixin is None else (mixin, AdaptedLayer, cls),
-                              {"kind": kind, "_base_cls": cls,
-                               "forward": AdaptedLayer.forward,
-                               "extra_repr": AdaptedLayer.extra_repr,
-                               "__module__": __name__})
+        _WRAPPERS[cls] = type(f"Adapted{cls.__name__}", (AdaptedLayer, cls),
+                              {"_base_cls": cls, "forward": AdaptedLayer.forward,
+                               "extra_repr": AdaptedLayer.extra_repr, "__module__": __name__})
     return _WRAPPERS[cls].__new__(_WRAPPERS[cls])
 
 
@@ -301,20 +271,9 @@ def weight_shape(m: nn.Module) -> list[int]:
     return list(w.shape) if w.is_floating_point() else [m.out_features, m.in_features]
 
 
-def adapted_layers(model: nn.Module):
+def adapted_layers(model: nn.Module) -> list[tuple[str, AdaptedLayer]]:
     """(path, AdaptedLayer) pairs of ``model``."""
     return [(p, m) for p, m in model.named_modules() if isinstance(m, AdaptedLayer)]
-
-
-class _Conv1D(nn.Module):
-    """Stand-in for GPT-2's Conv1D, weight (in, out); ``base_kind`` knows it by its name."""
-
-    def __init__(self, nf: int, nx: int, device=None):
-        super().__init__()
-        self.nf, self.weight = nf, nn.Parameter(torch.empty(nx, nf, device=device))
-
-
-_Conv1D.__name__ = "Conv1D"
 
 
 def stand_in(kind: str, shape, weight: torch.Tensor | None = None, prepare=None) -> AdaptedLayer:
@@ -324,13 +283,10 @@ def stand_in(kind: str, shape, weight: torch.Tensor | None = None, prepare=None)
     ``prepare(module)`` runs before wrapping (``spec.prepare_base``: QLoRA quantises there).
     Conv geometry beyond the weight shape enters no delta."""
     s = tuple(shape)
-    convs = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}
-    if kind not in KINDS or len(s) < 2 or kind == "conv" and len(s) not in convs:
-        raise AdaptkitError(f"unknown base kind {kind!r} with weight shape {list(s)}")
-    m = {"linear": lambda: nn.Linear(s[1], s[0], bias=False, device="meta"),
-         "conv1d_t": lambda: _Conv1D(s[1], s[0], device="meta"),
-         "embedding": lambda: nn.Embedding(s[0], s[1], device="meta"),
-         "conv": lambda: convs[len(s)](s[1], s[0], s[2:], bias=False, device="meta")}[kind]()
+    cls = next((b for b in BASES if b.kind == kind), None)
+    if cls is None or len(s) < 2 or kind == "conv" and len(s) not in (3, 4, 5) or kind != "conv" and len(s) != 2:
+        raise AdaptkitError(f"unknown base kind {kind!r} with weight shape {list(s)}; kinds: {list(KINDS)}")
+    m = cls.stand_in(s)
     if weight is not None:
         m.weight = nn.Parameter(weight, requires_grad=False)
     return wrap(prepare(m) if prepare else m)

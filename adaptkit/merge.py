@@ -16,23 +16,15 @@ from .inject import refresh, state
 from .layer import adapted_layers
 
 
-def _drop_ins(model: nn.Module):
-    """Modules carrying their own update (``ak.MoRALinear``, class flag ``adaptkit_drop_in``):
-    they offer ``merged``, ``dense_weight()``, ``adaptkit_merge(unload)``, ``unmerge()``."""
-    return [(p, m) for p, m in model.named_modules() if getattr(m, "adaptkit_drop_in", False)]
-
-
-def _check_finite(model: nn.Module, names_of) -> None:
-    bad = [f"'{p}' ({type(m).__name__})" for p, m in _drop_ins(model)
-           if not m.merged and not torch.isfinite(m.dense_weight()).all()]
+def _check_finite(model: nn.Module) -> None:
+    bad = []
     for path, layer in adapted_layers(model):
-        names = [n for n in names_of(layer) if not layer.adapters[n].merged]
+        names = [n for n in layer._active_names if n in layer.adapters and not layer.adapters[n].merged]
         if not names:
             continue
         # computed again by the merge below: keeping every merged weight until all pass
         # would hold a dense copy of the whole model (a quantised one included)
-        w = layer.dense_weight(names)
-        if not torch.isfinite(w).all():
+        if not torch.isfinite(layer.dense_weight(names)).all():
             bad.append(f"'{path}' (adapters {names})")
     if bad:
         raise AdaptkitError(f"merge: non-finite (NaN/inf) merged weight at {', '.join(bad)}; "
@@ -53,16 +45,19 @@ def merge(model: nn.Module, unload: bool = True, requantize: bool = False) -> nn
     largest (see ``adaptkit.nf4.drift_report``).
     """
     st = state(model)
-    active = set(st.active)
-    if requantize and not (unload and any(not l.weight.is_floating_point() for _, l in adapted_layers(model))):
+    layers = adapted_layers(model)
+    if requantize and not (unload and any(not l.weight.is_floating_point() for _, l in layers)):
         raise AdaptkitError("merge: requantize=True needs unload=True and a model with quantised "
                             "(QLoRA / NF4) adapted layers; nothing was merged")
-    _check_finite(model, lambda layer: [n for n in layer.adapters if n in active])
+    _check_finite(model)
     drift = {}
-    for path, layer in adapted_layers(model):
-        layer.merge([n for n in layer.adapters if n in active], check=False)
+    for path, layer in layers:  # each layer's active set is the model's (or its own: MoRALinear)
+        layer.merge(check=False)
         if unload:
             new = layer.unload(requantize)
+            if not path:
+                model = new  # the root itself was adapted (e.g. a lone ak.MoRALinear)
+                continue
             model.set_submodule(path, new)
             if getattr(new, "requant_drift", None) is not None:
                 drift[path] = new.requant_drift["max_rel_output"]
@@ -72,12 +67,6 @@ def merge(model: nn.Module, unload: bool = True, requantize: bool = False) -> nn
                       f"changed their outputs by up to {drift[worst]:.2%} (relative, at '{worst}'); "
                       f"per layer: module.requant_drift or adaptkit.nf4.drift_report(model)",
                       stacklevel=2)
-    for path, m in _drop_ins(model):
-        new = m.adaptkit_merge(unload)
-        if new is not m and path:
-            model.set_submodule(path, new)
-        elif new is not m:
-            model = new  # the root itself was a drop-in
     if unload and "_adaptkit" in model.__dict__:  # nothing injected: leave requires_grad alone
         for n, p in model.named_parameters():
             p.requires_grad_(st.frozen_from.get(n, True))
@@ -93,7 +82,5 @@ def unmerge(model: nn.Module) -> nn.Module:
     """Undo ``merge(model, unload=False)`` on every layer."""
     for _, layer in adapted_layers(model):
         layer.unmerge()
-    for _, m in _drop_ins(model):
-        m.unmerge()
     refresh(model)
     return model

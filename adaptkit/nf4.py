@@ -384,14 +384,14 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State,
     return out.view(state.shape)  # [n] -> original shape
 
 
-# Model-level NF4 lives in adaptkit/methods (it needs the core, which this kernel module does
-# not import): adaptkit.nf4.quantize / save / load / drift_report / NF4Linear, loaded lazily.
-_MODEL_API = {"NF4Linear": "qlora_nf4", "quantize": "qlora_io", "save": "qlora_io",
-              "load": "qlora_io", "drift_report": "qlora_io"}
+# The model-level NF4 API (adaptkit.nf4.NF4Linear / quantize / save / load / drift_report)
+# lives in nf4_linear.py and nf4_io.py, which import this kernel module: loaded lazily.
+_MODEL_API = {"NF4Linear": "nf4_linear", "quantize": "nf4_io", "save": "nf4_io",
+              "load": "nf4_io", "drift_report": "nf4_io"}
 
 
 def __getattr__(name: str):
     if name in _MODEL_API:
         import importlib
-        return getattr(importlib.import_module(f"adaptkit.methods.{_MODEL_API[name]}"), name)
+        return getattr(importlib.import_module(f"adaptkit.{_MODEL_API[name]}"), name)
     raise AttributeError(f"module 'adaptkit.nf4' has no attribute {name!r}")

@@ -85,7 +85,15 @@ def select(model: nn.Module, spec) -> list[str]:
     """Paths of the modules ``spec`` adapts, in ``named_modules()`` order (no side effects).
 
     Wrapped layers match by their original path, so a second adapter can join a layer."""
-    all_linear = spec.targets == (ALL_LINEAR,)
+    return select_paths(model, spec.targets, spec.exclude, spec.layers_to_transform,
+                        spec.layers_pattern, type(spec).__name__)
+
+
+def select_paths(model: nn.Module, targets: tuple[str, ...], exclude: tuple[str, ...] | None = None,
+                 layers: tuple[int, ...] | None = None, layers_pattern: tuple[str, ...] | None = None,
+                 owner: str = "targets") -> list[str]:
+    """:func:`select` on explicit patterns (``owner`` names the caller in errors)."""
+    all_linear = targets == (ALL_LINEAR,)
     head = output_head(model) if all_linear else None
     out = []
     for path, m in model.named_modules():
@@ -94,20 +102,20 @@ def select(model: nn.Module, spec) -> list[str]:
         if all_linear:
             if base_kind(m) not in ("linear", "conv1d_t") or path == head or read_by_parent(model, path):
                 continue
-        elif not matches(spec.targets, path):
+        elif not matches(targets, path):
             continue
-        if matches(spec.exclude, path):
+        if matches(exclude, path):
             continue
-        if spec.layers_to_transform is not None:
-            idx = layer_index(path, spec.layers_pattern)
-            if idx is None or idx not in spec.layers_to_transform:
+        if layers is not None:
+            idx = layer_index(path, layers_pattern)
+            if idx is None or idx not in layers:
                 continue
         out.append(path)
     if not out:
         names = [n for n, _ in model.named_modules() if n][:12]
         raise AdaptkitError(
-            f"{type(spec).__name__}: targets={list(spec.targets)} matched no module "
-            f"(exclude={spec.exclude}, layers_to_transform={spec.layers_to_transform}). "
+            f"{owner}: targets={list(targets)} matched no module "
+            f"(exclude={exclude}, layers_to_transform={layers}). "
             f"Patterns are re.fullmatch-ed against full paths; some real paths: {names}. "
             f"Use e.g. targets=r'.*\\.{names[-1].split('.')[-1] if names else 'q_proj'}'")
     return out

@@ -62,7 +62,7 @@ def rss_bytes() -> int:
 
 def nf4_storage(model: nn.Module) -> dict:
     """Bits of NF4 storage per quantised weight, split into its parts."""
-    from adaptkit.methods.qlora_nf4 import NF4Linear
+    from adaptkit.nf4_linear import NF4Linear
     parts = {"packed": 0, "absmax": 0, "nested_absmax": 0, "offset": 0}
     params = layers = 0
     for m in model.modules():

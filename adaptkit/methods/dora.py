@@ -176,8 +176,7 @@ class DoRAAdapter(LoRAAdapter):
 
     def __init__(self, layer: AdaptedLayer, rank: int, scale: float, dropout: float, init: str):
         super().__init__(layer, rank, scale, dropout, init)
-        w = layer.weight
-        self.lora_magnitude = nn.Parameter(torch.ones(layer.out_features, device=w.device, dtype=w.dtype))
+        self.lora_magnitude = nn.Parameter(torch.ones(layer.out_features, **layer.param_kw))
         # plain attributes (not state): caches of ||W_o||^2, of n in eval mode, and the norm
         # of the unmerged weight recorded at merge time (needed for an exact unmerge)
         self._wsq: tuple | None = None

@@ -82,8 +82,7 @@ class LoRAAdapter(Adapter):
 
     def __init__(self, layer: AdaptedLayer, rank: int, scale: float, dropout: float, init: str):
         super().__init__()
-        w = layer.weight
-        kw = dict(device=w.device, dtype=w.dtype)
+        kw = layer.param_kw  # device, dtype (an NF4 base: its compute dtype)
         self.rank, self.scale, self.p, self.init = rank, float(scale), float(dropout), init
         self.lora_A = nn.Parameter(torch.empty(rank, layer.in_features, **kw))
         self.lora_B = nn.Parameter(torch.empty(layer.out_features, rank, **kw))

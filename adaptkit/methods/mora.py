@@ -257,7 +257,7 @@ class MoRAAdapter(_MoRAState, Adapter):
         return y + self.delta_forward(x).to(y.dtype)
 
     def delta_weight(self, layer: AdaptedLayer) -> torch.Tensor:
-        return layer.from_2d(self.dense_delta())
+        return layer.from_2d(self.dense_delta(torch.promote_types(self.mora_M.dtype, torch.float32)))
 
     def layer_state(self) -> dict:
         return {"mora_type": self.mora_type, "r_hat": self.r_hat}  # ReMoRA changes the type

@@ -4,21 +4,25 @@ arXiv 2405.12130), and ``apply_mora_linear`` to swap a model's nn.Linear layers 
     y = x Wᵀ + b + D(M·C(drop(x))),     W (out, in), M (r̂, r̂) zero-initialised, no alpha
 
 C / D, r̂ and the types are those of ``mora.py`` (module docstring there); here the
-default ``mora_type`` is 6 (the DESIGN signature). The update runs by reshapes and sums
-(``_MoRAState.delta_forward``); ``merge`` folds the exact dense ΔW = D·M·C (out, in) into W.
+default ``mora_type`` is 6 (the DESIGN signature). A MoRALinear is an adapted layer (adaptkit/layer.py) that owns one MoRA adapter: forward,
+merge, unmerge and ``ak.merge`` are the shared ones; only the state-dict layout is its own
+(``mora_M`` beside ``weight`` / ``bias``, so a plain nn.Linear checkpoint loads).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from ..base import LinearBase
 from ..errors import AdaptkitError
+from ..layer import AdaptedLayer
 from ..targets import matches
-from .mora import MoRA, _MoRAState, r_hat_for
+from .mora import MoRA, MoRAAdapter
+
+OWN = "(mora)"  # the adapter's name: not a valid ak.inject name, so no adapter can clash
 
 
-class MoRALinear(nn.Linear, _MoRAState):
+class MoRALinear(AdaptedLayer, nn.Linear):
     """``nn.Linear`` drop-in with a MoRA update: ``y = x Wᵀ + b + D(M·C(drop(x)))``.
 
     State-dict keys: ``weight``, ``bias`` (as nn.Linear) and ``mora_M`` (r̂, r̂); a plain
@@ -29,26 +33,14 @@ class MoRALinear(nn.Linear, _MoRAState):
     does that for every MoRALinear. ``ak.inject`` never wraps a MoRALinear.
     """
 
-    adaptkit_drop_in = True  # the hook merge.py and layer.base_kind look for
+    owns_adapters = True
+    _base_cls = nn.Linear
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, rank: int = 8,
                  mora_type=6, r_hat: int | None = None, dropout: float = 0.0,
                  merge_every: int | None = None, freeze_base: bool = True, device=None, dtype=None):
-        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self._setup({k: True for k in self._parameters}, rank, mora_type, r_hat, dropout,
-                    merge_every, freeze_base)
-
-    def _setup(self, base_grad, rank, mora_type, r_hat, dropout, merge_every, freeze_base):
-        MoRA(rank=rank, r_hat=r_hat, mora_type=mora_type, dropout=dropout, merge_every=merge_every)
-        w = self.weight
-        self.r_hat = r_hat or r_hat_for(self.in_features, self.out_features, rank, mora_type)
-        self.mora_type, self.p, self.merge_every = mora_type, float(dropout), merge_every
-        self.merged, self._tables, self._base_grad = False, {}, base_grad  # flags to restore
-        self.mora_M = nn.Parameter(torch.zeros(self.r_hat, self.r_hat, device=w.device,
-                                               dtype=w.dtype))
-        for p in (w, self.bias) if freeze_base else ():
-            if p is not None:
-                p.requires_grad_(False)
+        self._setup(nn.Linear(in_features, out_features, bias, device=device, dtype=dtype),
+                    rank, mora_type, r_hat, dropout, merge_every, freeze_base)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, rank: int = 8, mora_type=6, r_hat: int | None = None,
@@ -59,75 +51,87 @@ class MoRALinear(nn.Linear, _MoRAState):
             raise AdaptkitError(f"MoRALinear.from_linear: expected an nn.Linear, got "
                                 f"{type(linear).__name__}")
         m = cls.__new__(cls)
-        nn.Module.__init__(m)
-        m.in_features, m.out_features = linear.in_features, linear.out_features
-        m.register_parameter("weight", linear.weight)
-        m.register_parameter("bias", linear.bias)
-        grads = {k: p.requires_grad for k, p in linear._parameters.items() if p is not None}
-        m._setup(grads, rank, mora_type, r_hat, dropout, merge_every, freeze_base)
-        return m.train(linear.training)
+        m._setup(linear, rank, mora_type, r_hat, dropout, merge_every, freeze_base)
+        return m
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
-        return y if self.merged else y + self.delta_forward(x).to(y.dtype)
+    def _setup(self, linear, rank, mora_type, r_hat, dropout, merge_every, freeze_base):
+        spec = MoRA(rank=rank, r_hat=r_hat, mora_type=mora_type, dropout=dropout,
+                    merge_every=merge_every, targets=".*")  # validates the arguments
+        self._adopt(linear, LinearBase(linear))
+        self.merge_every = merge_every
+        self._base_grad = {k: p.requires_grad for k, p in linear._parameters.items() if p is not None}
+        a = spec.build(self, "")
+        # the adapter stays out of the module tree, its M is this module's own ``mora_M``:
+        # the keys of a MoRALinear are those of nn.Linear plus mora_M
+        del self._modules["adapters"]
+        self.__dict__["adapters"] = {OWN: a}
+        self.mora_M = a.mora_M
+        for p in (self.weight, self.bias) if freeze_base else ():
+            if p is not None:
+                p.requires_grad_(False)
+        self.set_active([OWN])
+
+    def _sync(self) -> None:
+        """Point the adapter at the current ``mora_M`` and training mode (``.to()``,
+        ``load_state_dict(assign=True)`` and ``train()`` reach only the module tree)."""
+        a = self.adapters[OWN]
+        a._parameters["mora_M"] = self._parameters["mora_M"]
+        a.training = self.training
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._sync()
+        return out
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._sync()
+        return self
+
+    # ---- the drop-in's own API, over the shared machinery -----------------------------
+    @property
+    def merged(self) -> bool:
+        return self.adapters[OWN].merged
+
+    @property
+    def mora_type(self):
+        return self.adapters[OWN].mora_type
+
+    @property
+    def r_hat(self) -> int:
+        return self.adapters[OWN].r_hat
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW (out, in) in fp32 (fp64 for a fp64 layer)."""
-        return self.dense_delta(torch.promote_types(self.weight.dtype, torch.float32))
-
-    def dense_weight(self) -> torch.Tensor:
-        """W + ΔW (W alone once merged), accumulated in fp32 or wider."""
-        w = self.weight.detach()
-        w = w.to(torch.promote_types(w.dtype, torch.float32))
-        return w if self.merged else w + self.delta_weight()
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            return
-        w = self.dense_weight()
-        if not torch.isfinite(w).all():
-            raise AdaptkitError("MoRALinear.merge: W + ΔW is not finite; nothing was merged. "
-                                "Check mora_M for NaN/inf")
-        self.weight.copy_(w)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            d = self.delta_weight()
-            self.weight.copy_(self.weight.to(d.dtype) - d)
-            self.merged = False
+        return self.adapters[OWN].delta_weight(self)
 
     def to_linear(self) -> nn.Linear:
         """Merge and return a plain nn.Linear holding this module's weight / bias."""
+        return self.unload()
+
+    def unload(self, requantize: bool = False) -> nn.Linear:
         self.merge()
-        lin = nn.Linear.__new__(nn.Linear)  # no init: the parameters are this module's
-        nn.Module.__init__(lin)
-        lin.in_features, lin.out_features = self.in_features, self.out_features
-        for k in ("weight", "bias"):
-            p = self._parameters[k]
+        lin = self.unwrap()
+        for k, p in lin._parameters.items():
             if p is not None:
                 p.requires_grad_(self._base_grad.get(k, True))
-            lin.register_parameter(k, p)
-        return lin.train(self.training)
+        return lin
 
-    def adaptkit_merge(self, unload: bool) -> nn.Module:
-        """ak.merge hook: the plain nn.Linear (unload) or self, merged in place."""
-        if unload:
-            return self.to_linear()
-        self.merge()
-        return self
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return AdaptedLayer.forward(self, x)
 
     def _load_from_state_dict(self, sd, prefix, *args):
         super()._load_from_state_dict(sd, prefix, *args)
+        self._sync()
         missing = args[2]  # a plain nn.Linear checkpoint has no mora_M: keep M, no error
         if prefix + "mora_M" not in sd and prefix + "mora_M" in missing:
             missing.remove(prefix + "mora_M")
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, r_hat={self.r_hat}, mora_type={self.mora_type!r}"
+        return f"{nn.Linear.extra_repr(self)}, r_hat={self.r_hat}, mora_type={self.mora_type!r}"
 
+    def __reduce_ex__(self, protocol):
+        return nn.Module.__reduce_ex__(self, protocol)
 
 
 def apply_mora_linear(model: nn.Module, targets=None, exclude=None, **kw) -> list[str]:

@@ -16,21 +16,21 @@ import torch.nn as nn
 from ..errors import AdaptkitError
 from ..layer import AdaptedLayer, adapted_layers
 from .mora import MoRA, MoRAAdapter, check_type
-from .mora_linear import MoRALinear
 
 CYCLES = {1: {}, 2: {1: 2, 2: 1}, 4: {1: 2, 2: 3, 3: 4, 4: 1}}  # ReMoRA type maps
 RESETS = ("adapter", "all", "none")
 
 
-def mora_modules(model: nn.Module, names=None) -> list[tuple[str, AdaptedLayer | None, nn.Module]]:
-    """(path, wrapper or None, MoRA module) of every MoRALinear and every MoRA adapter of
-    ``names`` (default: the active adapters) in ``model``."""
-    out = [(p, None, m) for p, m in model.named_modules() if isinstance(m, MoRALinear)]
+def mora_modules(model: nn.Module, names=None) -> list[tuple[str, AdaptedLayer, MoRAAdapter]]:
+    """(path, layer, MoRA adapter) of every MoRALinear and every MoRA adapter of ``names``
+    (default: the active adapters) in ``model``; a MoRALinear's path is its own."""
+    out = []
     for p, layer in adapted_layers(model):
-        for n in (layer._active_names if names is None else names):
+        own = layer.owns_adapters
+        for n in (layer._active_names if names is None or own else names):
             a = layer.adapters[n] if n in layer.adapters else None
             if isinstance(a, MoRAAdapter):
-                out.append((f"{p}[{n}]", layer, a))
+                out.append((p if own else f"{p}[{n}]", layer, a))
     return out
 
 
@@ -45,14 +45,11 @@ def merge_and_reset_mora_linear(model: nn.Module, cycle: int = 1, optimizer=None
     if bad:
         raise AdaptkitError(f"ReMoRA: non-finite mora_M at {bad}; nothing was merged")
     for p, layer, m in mods:
-        if layer is None:
-            m.merge()
-            m.merged = False  # the base keeps the update; M restarts from 0
-        elif m.merged:
+        if m.merged:  # the base keeps the update; M restarts from 0
             m.merged = False
             layer.set_active(layer._active_names)
         else:
-            layer.weight.copy_(m.merge_weight(layer, layer.weight.float()))
+            layer.base.write(layer, m.merge_weight(layer, layer.base.read(layer)))
         m.reset(CYCLES[cycle].get(m.mora_type))
         if optimizer is not None and reset_optimizer == "adapter":
             optimizer.state.pop(m.mora_M, None)
@@ -106,7 +103,7 @@ class ReMoRA:
         if merge_every is None:
             specs = getattr(model.__dict__.get("_adaptkit"), "specs", {})
             found = {s.merge_every for s in specs.values() if isinstance(s, MoRA)}
-            found |= {m.merge_every for _, l, m in mods if l is None}
+            found |= {l.merge_every for _, l, _ in mods if l.owns_adapters}
             found.discard(None)
             merge_every = found.pop() if len(found) == 1 else merge_every
         if isinstance(merge_every, bool) or not isinstance(merge_every, int) or merge_every < 1:

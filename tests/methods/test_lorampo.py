@@ -179,8 +179,8 @@ def test_dense_route_folds_into_the_base_matmul_only_when_exact():
     model, layer = build()
     ad = layer.adapters["default"]
     seen = []
-    real = layer.base_op
-    layer.base_op = lambda x_, w, b: seen.append(w is layer.weight) or real(x_, w, b)
+    real = layer.base.op  # every base computation goes through the Base's op
+    layer.base.op = lambda l_, x_, w, b: seen.append(w is layer.weight) or real(l_, x_, w, b)
     want = nn.functional.linear(x.double(), layer.weight.double() + _kron_ref(ad), layer.bias.double())
     torch.testing.assert_close(layer(x).double(), want, rtol=1e-5, atol=1e-5)
     assert seen == [False]                               # folded: W + s ΔW went to the base op

@@ -23,7 +23,7 @@ import adaptkit as ak
 from adaptkit.errors import AdaptkitError
 from adaptkit.nf4 import DYNAMIC_CODE, NF4_CODE, dequantize_nf4, quantize_nf4
 from adaptkit.merge import unmerge
-from adaptkit.methods.qlora_nf4 import NF4Linear
+from adaptkit.nf4_linear import NF4Linear
 from conftest import randomise_adapters
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples")

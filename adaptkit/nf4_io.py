@@ -18,20 +18,17 @@ import os
 import torch
 import torch.nn as nn
 
-from ..errors import AdaptkitError
-from ..inject import state
-from ..io import key_problems, read_safetensors, write_safetensors
-from ..layer import AdaptedLayer, adapted_layers, base_kind
-from ..nf4 import NF4State
-from ..spec import _as_tuple
-from ..targets import select
-from .qlora_nf4 import DTYPE_NAMES, DTYPES, NF4Linear, check_settings
+from .errors import AdaptkitError
+from .inject import state
+from .io import key_problems, read_safetensors, write_safetensors
+from .layer import AdaptedLayer, adapted_layers, base_kind
+from .nf4 import NF4State
+from .nf4_linear import DTYPE_NAMES, DTYPES, NF4Linear, check_settings
+from .spec import _as_tuple
+from .targets import select_paths
 
 FORMAT = "1"
 _OWN = ("weight", "absmax", "nested_absmax", "offset")  # an NF4 layer's own buffer names
-
-# what targets.select reads; the class name is what its errors call the caller
-_Select = type("adaptkit.nf4.quantize", (), {"layers_to_transform": None, "layers_pattern": None})
 
 
 def _no_adapters(model: nn.Module, what: str) -> None:
@@ -51,9 +48,9 @@ def quantize(model: nn.Module, targets="all-linear", *, exclude=None, blocksize:
     owner = "adaptkit.nf4.quantize"
     check_settings(owner, blocksize, double_quant, compute_dtype)
     _no_adapters(model, owner)
-    sel = _Select()
-    sel.targets, sel.exclude = _as_tuple(owner, "targets", targets), _as_tuple(owner, "exclude", exclude)
-    paths = [p for p in select(model, sel) if not isinstance(model.get_submodule(p), NF4Linear)]
+    paths = select_paths(model, _as_tuple(owner, "targets", targets), _as_tuple(owner, "exclude", exclude),
+                         owner=owner)
+    paths = [p for p in paths if not isinstance(model.get_submodule(p), NF4Linear)]
     bad = [f"'{p}' ({type(model.get_submodule(p)).__name__})" for p in paths
            if base_kind(model.get_submodule(p)) != "linear"]
     if bad:
@@ -96,7 +93,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
         tensors[_key(p, "weight")] = m.weight.view(-1, 1)  # bitsandbytes: [ceil(n/2), 1]
         tensors.update(m.state().to_tensors(prefix=_key(p, "weight")))
         layers[p] = {"compute_dtype": DTYPE_NAMES[m.compute_dtype]}
-    from .. import __version__
+    from . import __version__
     meta = {"adaptkit.nf4.format": FORMAT, "adaptkit.version": __version__,
             "adaptkit.nf4.layers": json.dumps(layers)}
     write_safetensors(tensors, path, meta)
