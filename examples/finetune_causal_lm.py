@@ -1,6 +1,6 @@
 """Causal LM fine-tune: SmolLM2-135M-Instruct learns to answer " positive" / " negative".
 
-    bash scripts/demo.sh --llm            # full run (~6-9 min on 2 CPU cores)
+    bash scripts/demo.sh --llm            # full run (~6-7 min on 2 CPU cores)
     bash scripts/demo.sh --llm --quick    # CI-sized run (< 2 min)
     bash scripts/demo.sh --llm --qlora    # q / v projections in NF4 (QLoRA); --dora for DoRA
 
@@ -134,10 +134,10 @@ def main(argv=None) -> int:
     g.add_argument("--qlora", action="store_true", help="NF4 q / v base weights + LoRA (QLoRA)")
     g.add_argument("--dora", action="store_true", help="DoRA instead of LoRA")
     ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=None, help="training steps (default 160; quick 24)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default 128; quick 24)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3; quick 2e-3)")
-    ap.add_argument("--n-test", type=int, default=None, help="held-out reviews scored (default 500; quick 96)")
+    ap.add_argument("--n-test", type=int, default=None, help="held-out reviews scored (default 400; quick 96)")
     ap.add_argument("--n-check", type=int, default=None, help="held-out prompts for the save / load / "
                     "merge checks, compared on all vocabulary logits (default 64; quick 16)")
     ap.add_argument("--seed", type=int, default=0)
@@ -147,9 +147,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     t_start = time.time()
     kind = "qlora" if args.qlora else "dora" if args.dora else "lora"
-    steps = args.steps or (24 if args.quick else 160)
+    steps = args.steps or (24 if args.quick else 128)
     lr = args.lr or (2e-3 if args.quick else 1e-3)
-    n_test = args.n_test or (96 if args.quick else 500)
+    n_test = args.n_test or (96 if args.quick else 400)
     n_check = args.n_check or (16 if args.quick else 64)
     out_path = args.out or os.path.join(os.path.dirname(os.path.abspath(args.cache)),
                                         f"causal_lm_{kind}.safetensors")
@@ -165,8 +165,13 @@ def main(argv=None) -> int:
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     tr_x, tr_y, te_x, te_y = load_rotten_tomatoes(seed=args.seed)
-    tr = rng.sample(range(len(tr_x)), min(len(tr_x), steps * args.batch))
-    te = rng.sample(range(len(te_x)), min(len(te_x), n_test + n_check))
+    # seeded permutations, one per split: the held-out set does not change with --steps
+    tr = list(range(len(tr_x)))
+    random.Random(f"train{args.seed}").shuffle(tr)
+    tr = tr[:steps * args.batch]
+    te = list(range(len(te_x)))
+    random.Random(f"test{args.seed}").shuffle(te)
+    te = te[:n_test + n_check]
     tr_seqs, tr_lab = [prompt_ids(tok, tr_x[i]) for i in tr], [tr_y[i] for i in tr]
     te_seqs, te_lab = [prompt_ids(tok, te_x[i]) for i in te], [te_y[i] for i in te]
     ck_seqs, ck_lab = te_seqs[n_test:], te_lab[n_test:]
