@@ -90,7 +90,7 @@ def _weight_key(w: torch.Tensor) -> tuple:
 
 
 def _gain(m: torch.Tensor, n: torch.Tensor, like: torch.Tensor, cd: int) -> torch.Tensor:
-    """The rescale g = m / n (paper Eq. 5's ``m / ||V||_c``) for every path: divided in fp32
+    """The rescale g = m / n (the paper's ``m / ||W0 + BA||_c``) for every path: divided in fp32
     (m (out,), n (out,) fp32), cast once to ``like``'s dtype and shaped to broadcast over its
     channel dim ``cd``: (out,) for a token-major output, (out, 1, .., 1) for a conv map or the
     (out, in_flat) weight of a merge."""

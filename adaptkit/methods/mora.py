@@ -27,8 +27,8 @@ n mod r̂ groups take ⌊n/r̂⌋+1 consecutive items, the others ⌊n/r̂⌋):
 Forward runs by reshapes and sums (no dense delta). ``delta_weight`` applies that same
 operator to the identity (column k of ΔW = D·M·C is y_Δ(e_k)), so there is one definition of
 every type and the merge is exact wherever the forward is, in <= r̂ included (where the
-reference merge crashes); the tests check it against the index formula of the paper's
-merge, type 6: ΔW_P[i r̂+a, (i r̂+b) mod in] += (M R_i)[a, b], ΔW[o] = ΔW_P[o mod P].
+reference merge crashes); the tests check it against an independent index formula, for
+type 6 ΔW_P[i r̂+a, (i r̂+b) mod in] += (M R_i)[a, b], ΔW[o] = ΔW_P[o mod P].
 rank(ΔW) <= r̂ for types 1-4 and "truncate"; up to min(in, out) for 6 / "decouple".
 Cost: types 1-4 r̂² MACs/token, 6 n_c·r̂² ≈ in·r̂ (the dense delta: ``in`` such tokens).
 
