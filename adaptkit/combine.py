@@ -3,8 +3,8 @@
     delta_mix = sum_i w_i * delta_i        (per layer; delta_i = s_i B_i A_i)
 
 "cat" is exact: A = [A_1; A_2; ...] (sum r_i, in), B = [w_1 s_1 B_1, w_2 s_2 B_2, ...]
-(out, sum r_i), scale 1. "svd" truncates the exact sum to ``rank`` by SVD (the best
-rank-r approximation, Eckart-Young). Unlike PEFT's add_weighted_adapter, inputs it cannot
+(out, sum r_i), scale 1. "svd" truncates the exact sum of the adapters' ``delta_weight``s
+to ``rank`` by SVD (the best rank-r approximation, Eckart-Young). Unlike PEFT's add_weighted_adapter, inputs it cannot
 combine as promised (DoRA or other non-linear methods, merged adapters, trained biases or
 modules_to_save) are refused instead of silently approximated (PEFT #3761, #3737).
 """
@@ -75,10 +75,13 @@ def combine(model: nn.Module, weights: dict[str, float], name: str = "combined",
 
 
 def _combined(items, method: str, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A (r', in_flat), B (out, r')) of the new adapter at scale 1 from (w_i, adapter_i,
+    layer) items: "cat" stacks the factors (exact, r' = sum r_i); "svd" keeps the top r
+    terms of sum_i w_i delta_i, each delta_i the adapter's own ``delta_weight``."""
     if method == "cat":
         A = torch.cat([ad.lora_A.float() for _, ad, _ in items], 0)  # (sum r_i, in_flat)
         B = torch.cat([w * ad.scale * ad.lora_B.float() for w, ad, _ in items], 1)  # (out, sum r_i)
         return A, B
-    delta = sum(w * ad.scale * (ad.lora_B.float() @ ad.lora_A.float()) for w, ad, _ in items)
-    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)  # delta: (out, in_flat)
+    delta = sum(w * layer.to_2d(ad.delta_weight(layer)) for w, ad, layer in items)  # (out, in_flat)
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)  # (out, q), (q,), (q, in_flat)
     return Vh[:r], U[:, :r] * S[:r]

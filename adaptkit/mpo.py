@@ -50,6 +50,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from .errors import AdaptkitError
+from .kron import kron_sum
 
 __all__ = [
     "balanced_factors", "mpo_shapes", "mpo_bond_dims", "mpo_num_params", "MPODecomposition",
@@ -332,14 +333,12 @@ def kron_decompose(weight: torch.Tensor, out_shape: Sequence[int], in_shape: Seq
 
 def kron_reconstruct(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor | None = None) -> torch.Tensor:
     """``sum_k s_k * torch.kron(a[k], b[k])`` for ``a: (r, o1, i1)``, ``b: (r, o2, i2)``,
-    ``s: (r,)`` (all ones if None); result ``(o1*o2, i1*i2)``. Differentiable."""
+    ``s: (r,)`` (all ones if None); result ``(o1*o2, i1*i2)``, one GEMM
+    (``adaptkit.kron.kron_sum``). Differentiable."""
     if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or (s is not None and s.shape != a.shape[:1]):
         raise AdaptkitError(f"kron_reconstruct: expected a (r, o1, i1), b (r, o2, i2), s (r,), got "
                             f"{tuple(a.shape)}, {tuple(b.shape)}, "
                             f"{None if s is None else tuple(s.shape)}; use kron_decompose(...) outputs")
     if s is not None:
         a = a * s[:, None, None]                         # (r, o1, i1)
-    _, o1, i1 = a.shape
-    _, o2, i2 = b.shape
-    t = torch.einsum("kac,kbd->abcd", a, b)              # (o1, o2, i1, i2)
-    return t.reshape(o1 * o2, i1 * i2)                   # (o1*o2, i1*i2)
+    return kron_sum(a, b)                                # (o1*o2, i1*i2)

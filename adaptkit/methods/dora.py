@@ -32,8 +32,10 @@ the version change and recomputes ``W x + s B A x`` from the saved input instead
 with ``m == 0`` exactly gets a zero gradient on the fast path (its direction cannot be read
 back from the output; PEFT's init gives m = 0 only for a zero row, where it gives NaN).
 
-Merge uses the dense norm of the unmerged weight and caches it, so unmerge
-``W = W' / g - s B A`` is exact up to fp32 rounding.
+Every path takes n from ``row_norm`` and g from ``_gain``: the fast and fused forwards, the
+dense (grouped conv, dropout, compiled) ones, QDoRA (the NF4 base pushes A's rows through its
+own op) and the merge, which uses the norm of the unmerged weight and caches it, so unmerge
+``W = W' / g - s B A`` is exact up to fp32 rounding and merged == unmerged output.
 
 Under ``torch.compile`` (``layer.tracing()``) the eager-only machinery is skipped so the
 layer traces with no graph break: no caches (their keys are data pointers), no fused base
@@ -87,6 +89,14 @@ def _weight_key(w: torch.Tensor) -> tuple:
     return (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
 
 
+def _gain(m: torch.Tensor, n: torch.Tensor, like: torch.Tensor, cd: int) -> torch.Tensor:
+    """The rescale g = m / n (the paper's ``m / ||W0 + BA||_c``) for every path: divided in fp32
+    (m (out,), n (out,) fp32), cast once to ``like``'s dtype and shaped to broadcast over its
+    channel dim ``cd``: (out,) for a token-major output, (out, 1, .., 1) for a conv map or the
+    (out, in_flat) weight of a merge."""
+    return (m.float() / n).to(like.dtype).view((-1,) + (1,) * (like.dim() - 1 - cd))
+
+
 class _DoRAScale(torch.autograd.Function):
     """out = g * t + b * (1 - g), g = m / n broadcast over the channel dim ``cd``, where
     ``t = y + s B A x`` is a fresh tensor.
@@ -102,10 +112,9 @@ class _DoRAScale(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t, m, n, bias, x, cd, recompute):
-        shape = (-1,) + (1,) * (t.dim() - 1 - cd)  # (out,) or (out, 1, .., 1) for conv maps
-        g = (m.float() / n).to(t.dtype).view(shape)
-        bb = None if bias is None else bias.view(shape)
-        ctx.cd, ctx.shape, ctx.recompute, ctx.out = cd, shape, recompute, None
+        g = _gain(m, n, t, cd)  # (out,) or (out, 1, .., 1) for conv maps
+        bb = None if bias is None else bias.view(g.shape)
+        ctx.cd, ctx.recompute, ctx.out = cd, recompute, None
         if recompute is None:
             out = t * g if bb is None else torch.addcmul(bb * (1 - g), g, t)
             ctx.save_for_backward(t if m.requires_grad else None, None, g, m, n, bias)
@@ -264,13 +273,7 @@ class DoRAAdapter(LoRAAdapter):
         A, B = self.lora_A, self.lora_B
         if layer.kind != "conv":
             return F.linear(F.linear(x, A), B * self.scale)  # (..., r) -> (..., out)
-        if self.dense_conv:  # grouped conv: the dense delta, reshaped to the weight
-            return layer._conv_forward(x, self.delta_weight(layer).to(A.dtype), None)
-        w = layer.weight
-        h = layer._conv_forward(x, A.view(self.rank, *w.shape[1:]), None)  # (N, r, *spatial)
-        nd = w.dim() - 2
-        conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
-        return conv(h, (self.scale * B).view(*B.shape, *[1] * nd))  # B as (out, r, 1..)
+        return self._conv_update(x, layer)  # LoRA's: factored convs, dense when grouped
 
     def update(self, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
         n = self.row_norm(layer)
@@ -285,13 +288,13 @@ class DoRAAdapter(LoRAAdapter):
         if self.p and self.training:  # PEFT: W x~ recomputed on the dropped-out input
             xd = F.dropout(x, self.p, True).to(self.lora_A.dtype)
             wx = layer.base_op(xd, layer.weight, None)
-            g = (m.float() / n).to(y.dtype).view((-1,) + (1,) * (y.dim() - 1 - cd))
+            g = _gain(m, n, y, cd)
             return y + (g - 1) * wx + g * self._update(xd, layer).to(y.dtype)
         A, B = self.lora_A, self.lora_B
         x = x.to(A.dtype)
         if tracing():  # torch.compile: plain ops; AOTAutograd decides what backward keeps
             t = y + self._update(x, layer).to(y.dtype)
-            g = (m.float() / n).to(t.dtype).view((-1,) + (1,) * (t.dim() - 1 - cd))  # (out, 1..)
+            g = _gain(m, n, t, cd)  # (out, 1..)
             b = layer.bias
             return g * t if b is None else torch.addcmul(b.view(g.shape) * (1 - g), g, t)
         first = layer._active[:1] == (self,)  # then y - b = W x: recomputable from x
@@ -318,19 +321,20 @@ class DoRAAdapter(LoRAAdapter):
 
     # ---- merge ------------------------------------------------------------------------
     def merge_weight(self, layer: AdaptedLayer, w32: torch.Tensor) -> torch.Tensor:
-        """W' = g (w32 + dW), n from the dense *unmerged* stored weight (cached for unmerge)."""
+        """W' = g (w32 + dW) with the forward's n (``row_norm``: of the *unmerged* stored
+        weight), cached for an exact unmerge."""
         d = layer.to_2d(self.delta_weight(layer))  # (out, in_flat) fp32
-        n = (layer.to_2d(layer.dense_weight()) + d).norm(dim=1)  # (out,)
+        w2 = layer.to_2d(w32)  # (out, in_flat)
+        n = self.row_norm(layer)  # (out,)
         if not self.merged:
             self._merge_norm = n
-        g = self.lora_magnitude.detach().float() / n
-        return layer.from_2d(g[:, None] * (layer.to_2d(w32) + d))
+        return layer.from_2d(_gain(self.lora_magnitude.detach(), n, w2, 0) * (w2 + d))
 
     def unmerge_weight(self, layer: AdaptedLayer, w32: torch.Tensor) -> torch.Tensor:
         if self._merge_norm is None:
             raise AdaptkitError("DoRA unmerge: this adapter has no recorded merge norm (it was not "
                                 "merged by this layer's merge()); reload the base weights instead")
-        d = layer.to_2d(self.delta_weight(layer))
-        g = self.lora_magnitude.detach().float() / self._merge_norm.to(w32.device)
+        d, w2 = layer.to_2d(self.delta_weight(layer)), layer.to_2d(w32)  # (out, in_flat) both
+        g = _gain(self.lora_magnitude.detach(), self._merge_norm.to(w32.device), w2, 0)  # (out, 1)
         self._merge_norm = None
-        return layer.from_2d(layer.to_2d(w32) / g[:, None] - d)
+        return layer.from_2d(w2 / g - d)

@@ -12,8 +12,9 @@ arXiv 2309.14859), numerically compatible with PEFT 0.21.2 ``LoKrConfig`` and Ly
 
 Linear forward never builds the (out, in) kron: with X = x.view(..., c, d) (row-major, so
 x[i] = X[i // d, i % d]), ``x dW^T = s * vec(w1 X w2^T)``, i.e. one small matmul per
-factor (w2 low-rank: X w2_b^T, then w1, then w2_a^T). Convs use the dense delta with the
-base geometry. Training only: ``rank_dropout`` masks output rows of dW (divided by the
+factor in the cheaper order (w2 low-rank: X w2_b^T first, then w1 and w2_a^T); both forms,
+this one and the dense kron, come from ``adaptkit.kron``. Convs use the dense delta with
+the base geometry. Training only: ``rank_dropout`` masks output rows of dW (divided by the
 mask mean if ``rank_dropout_scale``), which is the same as masking output features of the
 update; ``module_dropout`` skips the whole adapter with probability p (no rescale).
 Both draw from torch's global CPU generator as PEFT does. Under ``torch.compile`` module
@@ -31,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import AdaptkitError
+from ..kron import kron_apply, kron_sum
 from ..layer import Adapter, AdaptedLayer, tracing
 from ..spec import AdapterSpec, register_method
 
@@ -175,32 +177,21 @@ class LoKrAdapter(Adapter):
         return (self.lokr_w2_a @ self.lokr_w2_b).view(b, d, *k)  # (b, d*prod(k)) -> (b, d, *k)
 
     def delta_weight(self, layer: AdaptedLayer) -> torch.Tensor:
-        w1, w2 = self._w1().float(), self._w2().float()
-        w1 = w1.view(*w1.shape, *[1] * (w2.dim() - 2))  # (a, c, 1, ..): kron leaves k alone
-        dw = self.scale * torch.kron(w1, w2)  # (a*b, c*d, *k)
+        # w1 (a, c) x w2 (b, d, *k) -> (a*b, c*d, *k): the kernel axes stay on w2's side
+        dw = self.scale * kron_sum(self._w1().float()[None], self._w2().float()[None])
         return dw if layer.kind == "conv" else layer.from_2d(dw)
 
     # ---- forward ----------------------------------------------------------------------
     def _kron_apply(self, x: torch.Tensor) -> torch.Tensor:
-        """s * x kron(w1, w2)^T without the kron: X (T, c, d) -> w1 X w2^T (T, a, b)."""
-        a, b, c, d, _ = self.dims
-        lead = x.shape[:-1]
-        X = x.reshape(-1, c, d)  # (..., c*d) -> (T, c, d), row-major
-        T = X.shape[0]
-        # scale the smallest factor; one batched GEMM per token (explicit bmm on the expanded
-        # view beats matmul's broadcasting, forward and backward, on CPU)
-        w1 = (self._w1() * self.scale).expand(T, a, c)  # (a, c) -> (T, a, c), no copy
-        if not self.full2:  # X w2_b^T (T, c, r) -> w1 . (T, a, r) -> . w2_a^T (T, a, b)
-            u = (X.reshape(T * c, d) @ self.lokr_w2_b.t()).view(T, c, self.rank)  # (T*c, r) -> (T, c, r)
-            v = torch.bmm(w1, u)  # (T, a, r)
-            y = v.reshape(T * a, self.rank) @ self.lokr_w2_a.t()  # (T*a, b)
-        elif a * d * (c + b) <= c * b * (d + a):  # w1 first: fewer MACs
-            v = torch.bmm(w1, X)  # (T, a, d)
-            y = v.reshape(T * a, d) @ self.lokr_w2.t()  # (T*a, b)
-        else:
-            u = (X.reshape(T * c, d) @ self.lokr_w2.t()).view(T, c, b)  # (T*c, b) -> (T, c, b)
-            y = torch.bmm(w1, u)  # (T, a, b)
-        return y.reshape(*lead, a * b)  # (T, a, b) -> (..., out), out index = i_a * b + i_b
+        """s * x kron(w1, w2)^T without the kron (adaptkit.kron.kron_apply): (..., c*d) ->
+        (..., a*b). A low-rank w2 = w2_a w2_b applies as kron(I_c, w2_b), then
+        kron(s w1, w2_a); the scale rides on w1, the smallest factor."""
+        _, _, c, d, _ = self.dims
+        w1 = self._w1() * self.scale  # (a, c)
+        if self.full2:
+            return kron_apply(x, (c, d), w1, self.lokr_w2)
+        u = kron_apply(x, (c, d), right=self.lokr_w2_b)  # (..., c*d) -> (..., c*r)
+        return kron_apply(u, (c, self.rank), w1, self.lokr_w2_a)  # (..., c*r) -> (..., a*b)
 
     def update(self, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
         mask = keep = None

@@ -148,10 +148,15 @@ class LoRAAdapter(Adapter):
                 if y.dim() > 2:  # fp32: skipping the reshapes is cheaper than the fusion
                     return torch.add(y, F.linear(h, B), alpha=self.scale)
             return y + (self.scale * F.linear(h, B)).to(y.dtype)
+        return y + self._conv_update(x, layer).to(y.dtype)
+
+    def _conv_update(self, x: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
+        """s B A x on a conv base (N, out, *spatial): A as an r-channel conv with the base's
+        geometry, then B as a 1x1 conv; a grouped conv runs the dense delta instead."""
+        A, B, w = self.lora_A, self.lora_B, layer.weight
         if self.dense_conv:
-            return y + layer._conv_forward(x, self.delta_weight(layer).to(A.dtype), None).to(y.dtype)
-        w = layer.weight
+            return layer._conv_forward(x, self.delta_weight(layer).to(A.dtype), None)
         h = layer._conv_forward(x, A.view(self.rank, *w.shape[1:]), None)  # (N, r, *spatial)
         nd = w.dim() - 2
         conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
-        return y + conv(h, (self.scale * B).view(*B.shape, *[1] * nd)).to(y.dtype)  # (out, r, 1..)
+        return conv(h, (self.scale * B).view(*B.shape, *[1] * nd))  # B as (out, r, 1..)

@@ -36,19 +36,24 @@ and the residual equal LoRA's bit for bit (the Kronecker SVD gives the same up t
 each component).
 
 Forward: the cheaper of two exact routes for the call's token count N.
-Factored (never materialises ΔW): the input is viewed as ``x.view(N, i1, i2)`` and contracted
-with one core at a time by einsum, in the cheaper order: ``B`` first costs
-``F = r*(in*o2 + out*i1)`` multiply-adds per token, ``A`` first ``r*(in*o1 + out*i2)`` (the
-degenerate "lora" shapes run as two plain matmuls, ``r*(in + out)``, as LoRA); the largest
-temporary is ``(N, i1, r, o2)`` or ``(N, r, o1, i2)``. Dense: build ``ΔW`` (out, in) from the
+Factored (never materialises ΔW): ``ΔW = sum_k kron(A_k, B_k)`` is two Kronecker factors with
+the rank folded into one side, applied one at a time to ``x.view(N, i1, i2)`` by
+``adaptkit.kron.kron_apply``, in the cheaper order: ``B`` first (``kron(I_i1, B (r*o2, i2))``,
+then ``kron(A (o1, i1*r), I_o2)``) costs ``F = r*(in*o2 + out*i1)`` multiply-adds per token,
+``A`` first ``r*(in*o1 + out*i2)`` (the degenerate "lora" shapes come out as two plain
+matmuls, ``r*(in + out)``, as LoRA); the largest temporary is ``(N, i1, r, o2)`` or
+``(N, o1, r, i2)``. Dense: build ``ΔW`` (out, in) from the
 cores (``r*out*in``) and run one ``F.linear`` (``D = out*in`` per token). For a square d x d layer
 with balanced factors ``F = 2 r d^1.5`` against ``D = d^2``. The choice uses a cost model fitted
-on CPU (fwd + bwd, 7 layer shapes, ranks 4-16, 1-256 tokens, the folded dense route below): an
-einsum multiply-add costs about twice a GEMM's (its temporary is permuted and re-read), the dense
+on CPU (fwd + bwd, 7 layer shapes, ranks 4-16, 1-256 tokens, the folded dense route below) when
+the factored route was two einsums: a factored multiply-add cost about twice a GEMM's (the
+temporary was permuted and re-read), the dense
 route ~0.8 D per token over the base, building ΔW with its backward ~3 r D; so the dense route
 runs from ``dense_from = 3 r D / (2 F - 0.8 D)`` tokens when ``2 F > 0.8 D`` (measured crossover
 in brackets: 31 tokens for 768 x 768 at rank 16 (~25), 56 for 3072 x 768 (~55), 240 for
-4096 x 4096 (~240); never at rank 4 (768 x 768: even at 256 tokens). The fit is CPU's; on other
+4096 x 4096 (~240); never at rank 4 (768 x 768: even at 256 tokens). The matmul form permutes
+only the small cores and is as fast or faster (768 x 768, rank 16, 16 tokens: 5.3 -> 3.9 ms),
+so the crossover is now on the early side. The fit is CPU's; on other
 devices it is a reasonable default, not a measurement.
 On the dense route, when this adapter is first in the active set, W is fp32 and no dropout
 applies, ΔW is folded into the base matmul, ``y = x (W + s ΔW)^T + b`` (core hook
@@ -76,6 +81,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import AdaptkitError
+from ..kron import kron_apply, kron_sum
 from ..layer import Adapter, AdaptedLayer
 from ..mpo import balanced_factors, interleaved_unfolding, kron_decompose
 from ..spec import AdapterSpec, register_method
@@ -263,13 +269,11 @@ class LoRAMPOAdapter(Adapter):
         """LoRA+'s B-like factor (adaptkit.optim): core 0 in "lora" mode (it is lora_B)."""
         return ("mpo_A",) if self.mode == "lora" else ()
 
-    def _kron_sum(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        """``sum_k kron(A[..., k], B[k])`` (out, in): the rearranged matrix ``R = A_mat @ B_mat``
-        (o1*i1, o2*i2), un-interleaved (the "lora" shapes give exactly ``B @ A``)."""
-        (o1, o2), (i1, i2), r = self.out_shape, self.in_shape, self.rank
-        m = A.reshape(o1 * i1, r) @ B.reshape(r, o2 * i2)     # R[(a, c), (b, d)]: (o1*i1, o2*i2)
-        d = m.view(o1, i1, o2, i2).permute(0, 2, 1, 3)       # (o1, i1, o2, i2) -> (o1, o2, i1, i2)
-        return d.reshape(o1 * o2, i1 * i2)                   # (out, in)
+    @staticmethod
+    def _kron_sum(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """``sum_k kron(A[..., k], B[k])`` (out, in): one GEMM of the rearranged cores
+        (``adaptkit.kron.kron_sum``; the "lora" shapes give exactly ``B @ A``)."""
+        return kron_sum(A.permute(2, 0, 1), B)  # core 0 (o1, i1, r) -> (r, o1, i1), a view
 
     def delta_weight(self, layer: AdaptedLayer) -> torch.Tensor:
         """``s * sum_k kron(A[..., k], B[k])`` in fp32, native shape."""
@@ -299,23 +303,19 @@ class LoRAMPOAdapter(Adapter):
         if self.p and self.training:
             x = F.dropout(x, self.p, True)
         x = x.to(A.dtype)
-        if i1 == 1 and o2 == 1:
-            # degenerate "lora" shapes: the two contractions below are plain LoRA matmuls
-            h = F.linear(x, B.view(B.shape[0], i2))          # (..., in) @ (in, r) -> (..., r)
-            z = F.linear(h, A.view(o1, A.shape[2]))          # (..., r) @ (r, out) -> (..., out)
-            return y.add(z.to(y.dtype), alpha=self.scale)
         n = x.numel() // (i1 * i2)                           # tokens in this call
-        if n >= self.dense_from:                             # one GEMM beats two einsums here
+        if n >= self.dense_from:                             # one GEMM beats two factors here
             z = F.linear(x, self._kron_sum(A, B))            # (..., in) @ ΔW^T -> (..., out)
             return y.add(z.to(y.dtype), alpha=self.scale)
-        xf = x.reshape(-1, i1, i2)                           # (..., in) -> (N, i1, i2)
-        if self.b_first:
-            h = torch.einsum("ncd,kbd->nckb", xf, B)         # (N, i1, r, o2)
-            z = torch.einsum("nckb,ack->nab", h, A)          # (N, o1, o2)
-        else:
-            h = torch.einsum("ncd,ack->nkad", xf, A)         # (N, r, o1, i2)
-            z = torch.einsum("nkad,kbd->nab", h, B)          # (N, o1, o2)
-        z = z.reshape(*y.shape[:-1], o1 * o2)                # (N, o1, o2) -> (..., out)
+        # ΔW = sum_k kron(A_k, B_k) as two Kronecker factors with the rank folded into one
+        # side (adaptkit.kron.kron_apply); "lora" shapes: two plain matmuls, as LoRA
+        r = self.rank
+        if self.b_first:  # kron(I_i1, B (r*o2, i2)), then kron(A (o1, i1*r), I_o2)
+            h = kron_apply(x, (i1, i2), right=B.reshape(r * o2, i2))     # (..., i1*r*o2)
+            z = kron_apply(h, (i1 * r, o2), left=A.reshape(o1, i1 * r))  # (..., o1*o2)
+        else:  # kron(A (o1*r, i1), I_i2), then kron(I_o1, B (o2, r*i2))
+            h = kron_apply(x, (i1, i2), left=A.permute(0, 2, 1).reshape(o1 * r, i1))  # (..., o1*r*i2)
+            z = kron_apply(h, (o1, r * i2), right=B.permute(1, 0, 2).reshape(o2, r * i2))  # (..., o1*o2)
         return y.add(z.to(y.dtype), alpha=self.scale)        # y + s ΔW x, one kernel
 
     def layer_state(self) -> dict[str, Any]:

@@ -24,11 +24,13 @@ n mod r̂ groups take ⌊n/r̂⌋+1 consecutive items, the others ⌊n/r̂⌋):
   "decouple"  type 6 with R_i = I (paper's plain decoupling)
   "truncate"  c = x[:r̂] (zero-filled when in < r̂), y_Δ = [z; 0] (paper's truncation)
 
-Forward runs by reshapes and sums (no dense delta); ``delta_weight`` builds the exact dense
-ΔW = D·M·C (out, in) by index arithmetic, independently of the forward code: type 6 is
-ΔW_P[i r̂+a, (i r̂+b) mod in] += (M R_i)[a, b], ΔW[o] = ΔW_P[o mod P], which also covers
-in <= r̂ (where the reference merge crashes). rank(ΔW) <= r̂ for types 1-4 and "truncate";
-up to min(in, out) for 6 / "decouple". Cost: types 1-4 r̂² MACs/token, 6 n_c·r̂² ≈ in·r̂.
+Forward runs by reshapes and sums (no dense delta). ``delta_weight`` applies that same
+operator to the identity (column k of ΔW = D·M·C is y_Δ(e_k)), so there is one definition of
+every type and the merge is exact wherever the forward is, in <= r̂ included (where the
+reference merge crashes); the tests check it against an independent index formula, for
+type 6 ΔW_P[i r̂+a, (i r̂+b) mod in] += (M R_i)[a, b], ΔW[o] = ΔW_P[o mod P].
+rank(ΔW) <= r̂ for types 1-4 and "truncate"; up to min(in, out) for 6 / "decouple".
+Cost: types 1-4 r̂² MACs/token, 6 n_c·r̂² ≈ in·r̂ (the dense delta: ``in`` such tokens).
 
 MoRA has no alpha: a spec with ``alpha`` or ``alpha_pattern`` is rejected. ``mora_type``
 defaults to 1 in the spec (the reference's default; its README recommends 6 for small r,
@@ -57,6 +59,7 @@ from ..spec import AdapterSpec, register_method
 
 MORA_TYPES = (1, 2, 3, 4, 6, "truncate", "decouple")
 CHUNKED = (6, "decouple")
+_PROBE = 1 << 23  # elements of mora_delta's widest temporary per identity block (32 MiB fp32)
 
 
 def r_hat_for(in_features: int, out_features: int, rank: int, mora_type=1) -> int:
@@ -74,14 +77,7 @@ def check_type(owner: str, t, r_hat: int | None = None, where: str = "") -> None
                             f"got r_hat={r_hat}{where}; use r_hat={r_hat - 1 or 2}")
 
 
-# ---- the math: forward by reshapes and sums, exact dense delta by indices -----------------
-def _groups(n: int, r: int, device) -> torch.Tensor:
-    """Group index (n,) of the contiguous grouping of n items into r groups."""
-    q, m = divmod(n, r)
-    sizes = torch.tensor([q + 1] * m + [q] * (r - m), device=device)
-    return torch.repeat_interleave(torch.arange(r, device=device), sizes)
-
-
+# ---- the math: the operator by reshapes and sums; the dense delta is that operator -------
 def _pad(x: torch.Tensor, P: int) -> torch.Tensor:
     """Circular padding x̄_i = x_{i mod in}: (..., in) -> (..., P), any P >= in."""
     reps, rest = divmod(P, x.shape[-1])
@@ -148,30 +144,22 @@ def mora_update(x: torch.Tensor, M: torch.Tensor, out_features: int, mora_type, 
 
 
 def mora_delta(M: torch.Tensor, in_features: int, out_features: int, mora_type) -> torch.Tensor:
-    """Exact dense ΔW = D·M·C, (out, in) in M's dtype, built from index maps."""
-    r, dev, t, n, o = M.shape[0], M.device, mora_type, in_features, out_features
-    n_c = -(-n // r)
-    i = torch.arange(n_c * r, device=dev)
-    if t in CHUNKED:
-        B = M.expand(n_c, r, r)  # block i = M R_i, (n_c, r̂, r̂)
-        if t == 6:  # column-wise M R_i = M ⊙ cos_i + [M[:, h:], -M[:, :h]] ⊙ sin_i
-            cos, sin = rope_tables(n_c, r, dev, M.dtype)
-            B = M * cos[:, None] + torch.cat([M[:, r // 2:], -M[:, :r // 2]], -1) * sin[:, None]
-        cols = (i % n).view(n_c, 1, r).expand(n_c, r, r)  # block i column b -> (i r̂ + b) mod in
-        dP = M.new_zeros(n_c, r, n).scatter_add_(2, cols, B.contiguous())  # ΔW_P (n_c, r̂, in)
-        dP = dP.reshape(n_c * r, n)  # (n_c, r̂, in) -> (P, in)
-        return dP[torch.arange(o, device=dev) % (n_c * r)]  # rows o mod P: (out, in)
-    if t in (1, 4):  # column k of M·C sums the M columns of the padded slots i ≡ k (mod in)
-        MC = M.new_zeros(r, n).index_add_(1, i % n, M[:, i % r])
-    elif t in (2, 3):
-        MC = M[:, _groups(n, r, dev)]
-    else:
-        MC = F.pad(M[:, :min(n, r)], (0, n - min(n, r)))
-    if t in (1, 3):
-        return MC[torch.arange(o, device=dev) % r]
-    if t in (2, 4):
-        return MC[_groups(o, r, dev)]
-    return F.pad(MC[:min(o, r)], (0, 0, 0, o - min(o, r)))
+    """Exact dense ΔW = D·M·C (out, in) in M's dtype, from the operator itself: column k is
+    y_Δ(e_k), so ΔW^T = mora_update(I_in), taken over row blocks of the identity so that no
+    temporary exceeds ``_PROBE`` elements. One definition of every type, so the merge and
+    the forward cannot disagree (in <= r̂ and type 6 included). Cost: the forward's on ``in``
+    tokens, i.e. in·r̂² MACs for types 1-4 and "truncate", in·P·r̂ for 6 / "decouple", plus
+    O(in·out) memory traffic (4096², r̂ = 256, type 6: ~0.7 s on one CPU thread)."""
+    n, r, t = in_features, M.shape[0], mora_type
+    tables = rope_tables(-(-n // r), r, M.device, M.dtype) if t == 6 else None
+    step = max(1, _PROBE // max(-(-n // r) * r, out_features))  # identity rows per block
+    dw = M.new_empty(out_features, n)
+    for k in range(0, n, step):
+        h = min(step, n - k)
+        eye = M.new_zeros(h, n)
+        eye.diagonal(k).fill_(1)  # rows e_k .. e_{k+h-1} of I_in: (h, in)
+        dw[:, k:k + h] = mora_update(eye, M, out_features, t, tables).t()  # (h, out) -> (out, h)
+    return dw
 
 
 class _MoRAState:

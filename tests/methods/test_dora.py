@@ -239,6 +239,21 @@ def test_unmerge_exact_and_merge_uses_unmerged_norm():
     torch.testing.assert_close(layer.weight.detach(), w0, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("base", list(BASES))
+def test_merge_takes_the_forward_norm_and_output(base):
+    """One n on every path: the merge records exactly the forward's row_norm (the unmerged
+    weight's), so the merged layer reproduces the unmerged forward to fp32 rounding."""
+    make, mkx = BASES[base]
+    net, layer, ad = _randomised(make())
+    x = mkx()
+    n = ad.row_norm(layer).clone()  # training mode: computed afresh, no cache
+    with torch.no_grad():
+        y = net(x)
+        layer.merge(["default"])
+        assert torch.equal(ad._merge_norm, n)
+        torch.testing.assert_close(net(x), y, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("init", ["default", "gaussian", "pissa", "olora"])
 def test_inits_keep_output(init):
     torch.manual_seed(0)

@@ -116,6 +116,49 @@ def test_forward_and_merge_equal_peft(case):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+# use_effective_conv2d on Conv2d(16, 24, 3): out 24 = (a, b) = (4, 6), in 16 = (c, d) = (4, 4);
+# decompose_factor 2: (2, 12) x (2, 8); 8: (8, 3) x (8, 2). name -> (kwargs, the parameters,
+# i.e. which branch each factor takes: w1 full / low-rank, w2 full / Tucker)
+TUCKER_CASES = {
+    # r = 2 >= max(a, c) / 2: w1 full; Tucker w2 from a non-contiguous einsum (crashed in
+    # delta_weight's kron before)
+    "w1_full_tucker": (dict(rank=2, decompose_both=True), {"lokr_w1", "lokr_t2", "lokr_w2_a", "lokr_w2_b"}),
+    "w1_lowrank_tucker": (dict(rank=1, decompose_both=True),
+                          {"lokr_w1_a", "lokr_w1_b", "lokr_t2", "lokr_w2_a", "lokr_w2_b"}),
+    "w2_full_no_core": (dict(rank=3), {"lokr_w1", "lokr_w2"}),  # r >= max(b, d) / 2 = 3
+    "factor_2_tucker": (dict(rank=4, decompose_factor=2, decompose_both=True),
+                        {"lokr_w1", "lokr_t2", "lokr_w2_a", "lokr_w2_b"}),
+    "factor_8_w1_lowrank_w2_full": (dict(rank=2, decompose_factor=8, decompose_both=True),
+                                    {"lokr_w1_a", "lokr_w1_b", "lokr_w2"}),
+    "factor_8_both_factored": (dict(rank=1, decompose_factor=8, decompose_both=True),
+                               {"lokr_w1_a", "lokr_w1_b", "lokr_t2", "lokr_w2_a", "lokr_w2_b"}),
+}
+
+
+@pytest.mark.parametrize("geometry", [dict(), dict(stride=2, padding=1)])
+@pytest.mark.parametrize("case", list(TUCKER_CASES))
+def test_effective_conv2d_equals_peft(case, geometry):
+    """The Tucker (effective conv2d) form on Conv2d(16, 24, 3) in every factor branch: the
+    forward equals PEFT's LoKr with the same weights (fp32, 1e-5), and so does the merge."""
+    peft = pytest.importorskip("peft")
+    kw, params = TUCKER_CASES[case]
+    kw = dict(kw, alpha=3, use_effective_conv2d=True)
+    torch.manual_seed(0)
+    net, x = _net(nn.Conv2d(16, 24, 3, **geometry)), torch.randn(2, 16, 9, 9)
+    pm = peft.get_peft_model(copy.deepcopy(net), _peft_config(peft, kw))
+    ak.inject(net, ak.LoKr(targets="l", **kw))
+    pl, ad = pm.base_model.model.l, net.l.adapters["default"]
+    assert {n for n, _ in ad.named_parameters()} == params
+    _copy_from(ad, {n: getattr(pl, n)["default"] for n in params})
+    net.eval(), pm.eval()
+    with torch.no_grad():
+        y, want = net(x), pm(x)
+        assert (y - pm.get_base_model().l.base_layer(x)).abs().max() > 1e-2  # the adapter acts
+        torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+        w = net.l.dense_weight(["default"])  # == the kron-based delta PEFT merges
+        torch.testing.assert_close(w, pm.merge_and_unload().l.weight, atol=1e-6, rtol=1e-5)
+
+
 # name -> (base, input shape, kwargs): LyCORIS's forward with scale_mode="lycoris"
 LYCORIS_CASES = {
     "full_full_scale_1": (lambda: nn.Linear(64, 64), (3, 64), dict(rank=4, alpha=1)),
@@ -125,6 +168,8 @@ LYCORIS_CASES = {
     "conv1d_tucker": (lambda: nn.Conv1d(8, 12, 3, padding=1), (2, 8, 9),
                       dict(rank=1, alpha=2, use_effective_conv2d=True)),
     "conv2d_tucker": (lambda: nn.Conv2d(8, 12, 3), (2, 8, 9, 9), dict(rank=1, alpha=2, use_effective_conv2d=True)),
+    "conv2d_tucker_rank_2": (lambda: nn.Conv2d(16, 24, 3), (2, 16, 9, 9),
+                             dict(rank=2, alpha=2, use_effective_conv2d=True, decompose_both=True)),
     "conv2d_lowrank": (lambda: nn.Conv2d(8, 12, 3), (2, 8, 9, 9), dict(rank=1, alpha=2)),
 }
 

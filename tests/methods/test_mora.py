@@ -1,5 +1,6 @@
-"""MoRA: forward == x·ΔWᵀ for every type and shape (in < r̂ included), the r̂ table, rank of ΔW,
-the compression / decompression formulas of specs/methods.md §1 on explicit cases, ReMoRA
+"""MoRA: forward == x·ΔWᵀ for every type and shape (in < r̂ included), the dense ΔW (built from
+the operator) == the paper's index formula (an independent oracle kept here), the r̂ table,
+rank of ΔW, the compression / decompression formulas of specs/methods.md §1 on explicit cases, ReMoRA
 (function continuous across merge-and-reset, optimizer state reset, type cycling, resume),
 and MoRALinear as an nn.Linear drop-in that trains and merges back to plain nn.Linear."""
 import copy
@@ -7,8 +8,10 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import adaptkit as ak
+import adaptkit.methods.mora as mora_mod
 from adaptkit.methods.mora import MORA_TYPES, mora_delta, mora_update, r_hat_for, rope_tables
 from adaptkit.methods.mora_linear import apply_mora_linear
 from adaptkit.methods.mora_remora import ReMoRA, merge_and_reset_mora_linear, update_model_mora_linear
@@ -52,6 +55,55 @@ def test_forward_equals_x_delta(t, shape):
     dw = a.delta_weight(net.proj)
     assert dw.shape == (o, i) and dw.dtype == torch.float32
     torch.testing.assert_close(net(x) - base, x @ dw.t(), atol=1e-5, rtol=0)
+
+
+def _groups(n, r):
+    """Group index (n,) of the contiguous grouping of n items into r groups."""
+    q, m = divmod(n, r)
+    return torch.repeat_interleave(torch.arange(r), torch.tensor([q + 1] * m + [q] * (r - m)))
+
+
+def _delta_by_indices(M, n, o, t):
+    """The oracle: ΔW = D·M·C by index maps (specs/methods.md §1 merge), written apart from
+    the forward. Type 1: ΔW[o, k] = Σ_{i<P, i≡k (mod in)} M[o mod r̂, i mod r̂]; type 6:
+    ΔW_P[i r̂+a, (i r̂+b) mod in] += (M R_i)[a, b], ΔW[o] = ΔW_P[o mod P]."""
+    r = M.shape[0]
+    n_c = -(-n // r)
+    i = torch.arange(n_c * r)
+    if t in (6, "decouple"):
+        B = M.expand(n_c, r, r)  # block i = M R_i, (n_c, r̂, r̂)
+        if t == 6:  # column-wise M R_i = M ⊙ cos_i + [M[:, h:], -M[:, :h]] ⊙ sin_i
+            cos, sin = rope_tables(n_c, r, dtype=M.dtype)
+            B = M * cos[:, None] + torch.cat([M[:, r // 2:], -M[:, :r // 2]], -1) * sin[:, None]
+        cols = (i % n).view(n_c, 1, r).expand(n_c, r, r)  # block i column b -> (i r̂ + b) mod in
+        dP = M.new_zeros(n_c, r, n).scatter_add_(2, cols, B.contiguous())  # ΔW_P (n_c, r̂, in)
+        return dP.reshape(n_c * r, n)[torch.arange(o) % (n_c * r)]  # (P, in), rows o mod P
+    if t in (1, 4):  # column k of M·C sums the M columns of the padded slots i ≡ k (mod in)
+        MC = M.new_zeros(r, n).index_add_(1, i % n, M[:, i % r])
+    elif t in (2, 3):
+        MC = M[:, _groups(n, r)]
+    else:
+        MC = F.pad(M[:, :min(n, r)], (0, n - min(n, r)))
+    if t in (1, 3):
+        return MC[torch.arange(o) % r]
+    if t in (2, 4):
+        return MC[_groups(o, r)]
+    return F.pad(MC[:min(o, r)], (0, 0, 0, o - min(o, r)))
+
+
+@pytest.mark.parametrize("t", MORA_TYPES)
+@pytest.mark.parametrize("shape", SHAPES + [(10, 29), (5, 3)])
+def test_dense_delta_equals_the_index_formula(t, shape, monkeypatch):
+    """ΔW from the operator on the identity == the index formula, fp64, in < r̂ and out < r̂
+    included; identity blocks of 7 rows (not a divisor of in) take the chunked path."""
+    i, o = shape
+    for r in ({r_hat_for(i, o, 8, t), 4} if t in (6, "decouple") else {r_hat_for(i, o, 8, t), 3}):
+        M = torch.randn(r, r, generator=torch.Generator().manual_seed(r), dtype=torch.float64)
+        want = _delta_by_indices(M, i, o, t)
+        torch.testing.assert_close(mora_delta(M, i, o, t), want, atol=1e-12, rtol=0)
+        monkeypatch.setattr(mora_mod, "_PROBE", 7 * max(-(-i // r) * r, o))
+        torch.testing.assert_close(mora_delta(M, i, o, t), want, atol=1e-12, rtol=0)
+        monkeypatch.undo()
 
 
 @pytest.mark.parametrize("t", MORA_TYPES)

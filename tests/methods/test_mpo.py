@@ -1,5 +1,6 @@
 """adaptkit.mpo: shape calculator, MPO decomposition / reconstruction / spectra, Kronecker
-split, and a cross-check against matrix2mpo_plus (the MPOP / MPOE reference code)."""
+split, and a cross-check against matrix2mpo_plus (the MPOP / MPOE reference code); the
+Kronecker kernels of adaptkit.kron (dense product and matrix-vector form) against torch.kron."""
 from __future__ import annotations
 
 import importlib
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from adaptkit.errors import AdaptkitError
+from adaptkit.kron import kron_apply, kron_sum
 from adaptkit.mpo import (
     balanced_factors, interleaved_unfolding, kron_decompose, kron_reconstruct, mpo_bond_dims,
     mpo_bond_spectra, mpo_decompose, mpo_num_params, mpo_reconstruct, mpo_shapes,
@@ -195,6 +197,36 @@ def test_kron_full_rank_exact_and_convention():
     torch.testing.assert_close(dec.cores[0], a.permute(1, 2, 0)[None])   # (1, o1, i1, r)
     torch.testing.assert_close(dec.cores[1], (s[:, None, None] * b)[..., None])
     torch.testing.assert_close(kron_reconstruct(a, b), torch.einsum("kac,kbd->abcd", a, b).reshape(24, 20))
+
+
+@pytest.mark.parametrize("kernel", [(), (3,), (3, 2)])
+def test_kron_sum_equals_torch_kron(kernel):
+    """sum_k kron(A_k, B_k) with trailing kernel axes on B (a conv weight), also from
+    non-contiguous factors (a permuted core, an einsum-built Tucker kernel)."""
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(3, 4, 5, generator=g, dtype=F64)
+    B = torch.randn(3, 6, 2, *kernel, generator=g, dtype=F64)
+    want = sum(torch.kron(A[k].reshape(4, 5, *[1] * len(kernel)), B[k]) for k in range(3))
+    assert want.shape == (24, 10, *kernel)
+    torch.testing.assert_close(kron_sum(A, B), want, atol=1e-12, rtol=0)
+    At = A.permute(1, 2, 0).contiguous().permute(2, 0, 1)  # same values, strides of a core
+    Bt = B.movedim(1, -1).contiguous().movedim(-1, 1)
+    assert not At.is_contiguous() and not Bt.is_contiguous()
+    torch.testing.assert_close(kron_sum(At, Bt), want, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("shapes", [((4, 5), (6, 3)), ((7, 2), (3, 8)), ((1, 5), (6, 1)), ((3, 1), (1, 4))])
+def test_kron_apply_equals_the_dense_product(shapes):
+    """x kron(L, R)^T in both orders (the shapes pick each), with an identity factor on
+    either side, and with d == 1 (the plain-GEMM case), against x @ torch.kron(L, R).T."""
+    (a, c), (b, d) = shapes
+    g = torch.Generator().manual_seed(7)
+    L, R = torch.randn(a, c, generator=g, dtype=F64), torch.randn(b, d, generator=g, dtype=F64)
+    x = torch.randn(2, 3, c * d, generator=g, dtype=F64)
+    torch.testing.assert_close(kron_apply(x, (c, d), L, R), x @ torch.kron(L, R).T)
+    torch.testing.assert_close(kron_apply(x, (c, d), left=L), x @ torch.kron(L, torch.eye(d, dtype=F64)).T)
+    torch.testing.assert_close(kron_apply(x, (c, d), right=R), x @ torch.kron(torch.eye(c, dtype=F64), R).T)
+    assert kron_apply(x, (c, d)) is x
 
 
 def test_kron_top_r_is_eckart_young_optimal():
