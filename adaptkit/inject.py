@@ -36,19 +36,42 @@ class State:
     input_hook: Any = None
 
 
+def check_model(model: Any, where: str = "adaptkit") -> None:
+    """Refuse anything but a module as the model argument of a public entry point; a path,
+    a state dict or ``model.parameters()`` would otherwise fail deep inside with an
+    AttributeError that names no argument."""
+    if not isinstance(model, nn.Module):
+        raise AdaptkitError(
+            f"{where}: the model argument must be a torch.nn.Module, got {type(model).__name__} "
+            f"{_short(model)}; pass the model object itself (not a path, its state_dict() or "
+            f"its parameters())")
+
+
+def _short(x: Any) -> str:
+    try:
+        r = repr(x)
+    except Exception:  # noqa: BLE001 - any object's __repr__ (or a deeply nested one)
+        return "<unprintable>"
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
 def state(model: nn.Module) -> State:
     """The model's adaptkit state; an empty, unattached one if nothing was injected (so a
-    failed inject leaves no trace on the model)."""
+    failed inject leaves no trace on the model). Checks that ``model`` is a module, so every
+    entry point that starts here refuses a wrong argument clearly."""
+    check_model(model)
     return model.__dict__.get("_adaptkit") or State()
 
 
-def check_name(model: nn.Module, name: str) -> None:
+def check_name(model: nn.Module, name: str, where: str = "inject") -> None:
+    """``where`` is the entry point the user called (inject, load), named in the error."""
     if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise AdaptkitError(f"inject: adapter name {name!r} must be an identifier-like string "
+        raise AdaptkitError(f"{where}: adapter name {name!r} must be an identifier-like string "
                             f"(letters, digits, '_', '-'; no dots); use e.g. name='default'")
     if name in state(model).specs:
-        raise AdaptkitError(f"inject: an adapter named {name!r} already exists on this model; "
-                            f"pick another name or ak.delete(model, {name!r}) first")
+        raise AdaptkitError(f"{where}: an adapter named {name!r} already exists on this model; "
+                            f"ak.delete(model, {name!r}) first, or {where} it under another name "
+                            f"(name='{name}_2')")
 
 
 def plan(model: nn.Module, spec: AdapterSpec, name: str, paths: list[str] | None = None,
@@ -180,6 +203,7 @@ def inject(model: nn.Module, spec: AdapterSpec, name: str = "default") -> list[s
     On a model with ``get_input_embeddings()`` (transformers), the embedding output is made to
     require grad while gradient checkpointing is on, so reentrant checkpointing trains the
     adapters (see :class:`_InputGrads`; removed with the last adapter)."""
+    check_model(model, "inject")
     built, extras = plan(model, spec, name)
     return attach(model, spec, name, built, extras)
 
@@ -213,6 +237,7 @@ def _names(model: nn.Module, names) -> list[str]:
 
 def set_active(model: nn.Module, names) -> None:
     """Make exactly ``names`` active (summed in forward, trainable); the rest are frozen."""
+    check_model(model, "set_active")
     state(model).active = _names(model, names)
     refresh(model)
 
@@ -220,6 +245,7 @@ def set_active(model: nn.Module, names) -> None:
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model: every adapter is skipped (merged ones are unmerged meanwhile)."""
+    check_model(model, "disabled")
     layers = adapted_layers(model)
     merged = {p: [n for n, a in l.adapters.items() if a.merged] for p, l in layers}
     for _, layer in layers:
@@ -235,6 +261,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 def delete(model: nn.Module, name: str) -> None:
     """Remove adapter ``name``; layers left with no adapter become plain modules again."""
+    check_model(model, "delete")
     _names(model, name)
     st = state(model)
     for path, layer in adapted_layers(model):
@@ -276,6 +303,7 @@ class Summary:
 def summary(model: nn.Module) -> Summary:
     """Trainable / total parameters, per adapter and per layer. A quantised (NF4) weight is
     a buffer of packed bytes; it counts as its out x in parameters, as in the float model."""
+    check_model(model, "summary")
     st = state(model)
     per_layer = []
     per_adapter = {n: {"method": s.method, "layers": 0, "params": 0, "active": n in st.active}

@@ -201,3 +201,64 @@ def test_corrupt_spec_json(saved, tmp_path):
     bad2 = _rewrite(saved, tmp_path / "s.safetensors", meta=lambda md: md | {
         "adaptkit.spec": json.dumps(json.loads(md["adaptkit.spec"]) | {"rank": -3})})
     expect(m, lambda: ak.load(m, bad2), "rank=-3")
+
+
+@pytest.mark.parametrize("call", [
+    lambda x, f: ak.inject(x, ak.LoRA(targets=r"layers\.0")),
+    lambda x, f: ak.load(x, f), lambda x, f: ak.save(x, f), lambda x, f: ak.merge(x),
+    lambda x, f: ak.summary(x), lambda x, f: ak.set_active(x, ["default"]),
+    lambda x, f: ak.delete(x, "default"), lambda x, f: ak.disabled(x).__enter__(),
+    lambda x, f: ak.combine(x, {"default": 1.0}), lambda x, f: ak.nf4.quantize(x),
+    lambda x, f: ak.nf4.save(x, f), lambda x, f: ak.nf4.drift_report(x),
+], ids=["inject", "load", "save", "merge", "summary", "set_active", "delete", "disabled",
+        "combine", "nf4.quantize", "nf4.save", "nf4.drift_report"])
+@pytest.mark.parametrize("thing", ["not a module", {"layers.0.weight": torch.zeros(1)}, None])
+def test_entry_points_refuse_a_non_module(call, thing, saved):
+    """A path, a state dict or None as the model is an AdaptkitError saying so, not an
+    AttributeError from deep inside."""
+    with pytest.raises(ak.AdaptkitError, match=r"model argument must be a torch\.nn\.Module, got "
+                       + type(thing).__name__):
+        call(thing, saved)
+
+
+def test_load_under_an_existing_name_is_loads_error(saved):
+    m = Tiny()
+    ak.load(m, saved)
+    msg = expect(m, lambda: ak.load(m, saved), "load:", "'default' already exists",
+                 "ak.delete(model, 'default') first", "name='default_2'")
+    assert "inject" not in msg
+    assert ak.load(m, saved, name="default_2")  # the fix it names works
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("adaptkit.layers", "[1, 2]", ["must be a JSON object", "JSON array"]),
+    ("adaptkit.layers", '"layers"', ["JSON string"]),
+    ("adaptkit.spec", "[" * 100_000 + "]" * 100_000, ["nested too deeply"]),
+    ("adaptkit.layers", '{"a": ' * 50_000 + "1" + "}" * 50_000, ["nested too deeply"]),
+    ("adaptkit.spec", "1" * 5000, ["corrupt JSON"]),
+    ("adaptkit.spec", '{"method": "lora", "targets": 5}', ["targets must be a regex string", "int 5"]),
+    ("adaptkit.layers", '{"layers.0": 7}', ["'layers.0' is a JSON number, expected an object"]),
+    ("adaptkit.layers", '{"layers.0": {"method": "lora", "kind": "linear", "shape": "6x8", "base": "Linear"}}',
+     ["'layers.0' has shape='6x8'"]),
+    ("adaptkit.layers", '{"layers.0": {"method": "dora"}}', ["method='dora'", "'trained'"]),
+])
+def test_malformed_metadata_names_file_and_field(saved, tmp_path, field, value, words):
+    """Valid JSON of the wrong shape, or JSON nested past the recursion limit, used to escape
+    as AttributeError / RecursionError / TypeError."""
+    bad = _rewrite(saved, tmp_path / "m.safetensors", meta=lambda md: md | {field: value})
+    m = Tiny()
+    expect(m, lambda: ak.load(m, bad), str(bad), field, *words)
+
+
+@pytest.mark.parametrize("value, words", [
+    ("[1]", ["must be a JSON object"]), ('{"0": {"compute_dtype": ["x"]}}', ["malformed at ['0']"]),
+    ("{" * 50_000, ["corrupt JSON"]), ("[" * 50_000 + "]" * 50_000, ["nested too deeply"]),
+])
+def test_malformed_nf4_metadata_names_file_and_field(tmp_path, value, words):
+    q = nn.Sequential(nn.Linear(64, 32))
+    ak.nf4.quantize(q, targets=r"0")
+    f = tmp_path / "q.safetensors"
+    ak.nf4.save(q, f)
+    bad = _rewrite(f, tmp_path / "b.safetensors", meta=lambda md: md | {"adaptkit.nf4.layers": value})
+    m = nn.Sequential(nn.Linear(64, 32))
+    expect(m, lambda: ak.nf4.load(m, bad), str(bad), "adaptkit.nf4.layers", "adaptkit.nf4.save", *words)
