@@ -123,8 +123,37 @@ def plan(model: nn.Module, spec: AdapterSpec, name: str, paths: list[str] | None
             if b is not None and f"{p}.bias".lstrip(".") not in extras:
                 extras.append(f"{p}.bias".lstrip("."))
     if errors:
-        raise AdaptkitError(f"{type(spec).__name__} ({name!r}): " + "; ".join(errors))
+        raise AdaptkitError(plan_error(spec, name, errors, paths))
     return built, extras
+
+
+_QUOTED = re.compile(r"'([^']*)'")
+
+
+def plan_error(spec: AdapterSpec, name: str, errors: list[str], paths: list[str]) -> str:
+    """One message for all of plan's problems. A wrong rank is usually wrong on every layer,
+    so problems that differ only by the quoted layer path become one clause naming the
+    layers, and the method name the per-layer checks start with is not repeated after the
+    message's own prefix."""
+    from .spec import METHODS
+    own = type(spec).__name__
+    prefixes = tuple(f"{n}: " for n in {own, *(c.__name__ for c in METHODS.values())})
+    known = set(paths)
+    groups: dict[str, list[str]] = {}
+    for msg in errors:
+        msg = next((msg[len(p):] for p in prefixes if msg.startswith(p)), msg)
+        hit = next((m for m in _QUOTED.finditer(msg) if m.group(1) in known), None)
+        if hit is None:
+            groups.setdefault(msg, [])
+        else:
+            groups.setdefault(msg[:hit.start()] + "\0" + msg[hit.end():], []).append(hit.group(1))
+    parts = []
+    for template, where in groups.items():
+        shown = ", ".join(f"'{p}'" for p in where[:3])
+        if len(where) > 3:
+            shown += f", ... ({len(where)} layers)"
+        parts.append(template.replace("\0", shown) if where else template)
+    return f"{own} ({name!r}): " + "; ".join(parts)
 
 
 def attach(model: nn.Module, spec: AdapterSpec, name: str, built, extras: list[str]) -> list[str]:

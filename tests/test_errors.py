@@ -262,3 +262,15 @@ def test_malformed_nf4_metadata_names_file_and_field(tmp_path, value, words):
     bad = _rewrite(f, tmp_path / "b.safetensors", meta=lambda md: md | {"adaptkit.nf4.layers": value})
     m = nn.Sequential(nn.Linear(64, 32))
     expect(m, lambda: ak.nf4.load(m, bad), str(bad), "adaptkit.nf4.layers", "adaptkit.nf4.save", *words)
+
+
+def test_plan_errors_are_grouped_and_prefixed_once():
+    """The same problem on many layers is one clause naming them (first three and a count),
+    and the method prefix is not repeated per layer."""
+    m = nn.Sequential(*[nn.Linear(8, 4) for _ in range(12)], nn.LayerNorm(4), nn.LayerNorm(4), nn.Linear(8, 3))
+    msg = expect(m, lambda: ak.inject(m, ak.DoRA(rank=5, targets=r"\d+")),
+                 "DoRA ('default'): rank=5 exceeds min(in_features, out_features)=4 at '0', '1', '2', "
+                 "... (12 layers); use rank <= 4",
+                 "; DoRA cannot adapt '12', '13' (LayerNorm)",
+                 "; rank=5 exceeds min(in_features, out_features)=3 at '14'; use rank <= 3")
+    assert msg.count("DoRA") == 2 and msg.count("rank=5") == 2 and "DoRA:" not in msg, msg
