@@ -3,6 +3,7 @@ is left exactly as it was (parameters, classes, requires_grad, adaptkit state)."
 import copy
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -274,3 +275,51 @@ def test_plan_errors_are_grouped_and_prefixed_once():
                  "; DoRA cannot adapt '12', '13' (LayerNorm)",
                  "; rank=5 exceeds min(in_features, out_features)=3 at '14'; use rank <= 3")
     assert msg.count("DoRA") == 2 and msg.count("rank=5") == 2 and "DoRA:" not in msg, msg
+
+
+class _Llama(nn.Module):
+    """The module tree of transformers' LlamaForCausalLM (model.layers.N.self_attn.q_proj, ...)."""
+
+    def __init__(self, n=2, d=8):
+        super().__init__()
+        attn = lambda: nn.ModuleDict({k: nn.Linear(d, d) for k in ("q_proj", "k_proj", "v_proj", "o_proj")})  # noqa: E731
+        mlp = lambda: nn.ModuleDict({k: nn.Linear(d, d) for k in ("gate_proj", "up_proj", "down_proj")})  # noqa: E731
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(16, d)
+        self.model.layers = nn.ModuleList(nn.ModuleDict({"self_attn": attn(), "mlp": mlp(),
+                                                         "input_layernorm": nn.LayerNorm(d)}) for _ in range(n))
+        self.model.norm = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, 16)
+
+
+def _llamas():
+    yield _Llama()
+    try:
+        import transformers as tf
+    except ImportError:
+        return
+    yield tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2, num_key_value_heads=2))
+
+
+@pytest.mark.parametrize("targets, regex, leaf", [
+    (["q_proj", "v_proj"], r'targets=r".*\.(q_proj|v_proj)"', "'model.layers.0.self_attn.v_proj'"),
+    ("up_proj", r'targets=r".*\.up_proj"', "'model.layers.1.mlp.up_proj'")])
+def test_peft_style_bare_names_suggest_the_leaf_regex(targets, regex, leaf):
+    """PEFT matches bare names as path suffixes; adaptkit does not, so the error shows the
+    adaptable modules those names meant and the regex for them, not the containers
+    ('model', 'model.layers') that lead named_modules()."""
+    for m in _llamas():
+        msg = expect(m, lambda: ak.inject(m, ak.LoRA(targets=targets)), "matched no module", regex,
+                     leaf, "no suffix matching")
+        assert "'model'" not in msg and "'model.layers'" not in msg and "mlp'" not in msg, msg
+        pattern = regex.split('"')[1]  # the suggestion selects exactly those leaves
+        assert ak.inject(m, ak.LoRA(rank=2, targets=pattern)) == [
+            p for p, _ in m.named_modules() if re.fullmatch(pattern, p)]
+
+
+def test_no_match_after_exclude_says_what_removed_the_matches():
+    m = _Llama()
+    expect(m, lambda: ak.inject(m, ak.LoRA(targets=r".*\.q_proj", layers_to_transform=[5])),
+           "matched 'model.layers.0.self_attn.q_proj', 'model.layers.1.self_attn.q_proj'",
+           "layers_to_transform=(5,)", "removed all of them")
