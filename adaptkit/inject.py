@@ -317,11 +317,16 @@ class Summary:
     per_layer: list[tuple[str, str, str, int]]  # (path, adapter, method, params)
 
     def __str__(self) -> str:
-        rows = [f"{'layer':48s} {'adapter':10s} {'method':8s} {'params':>10s}"]
-        rows += [f"{p:48.48s} {a:10.10s} {m:8s} {n:10,d}" for p, a, m, n in self.per_layer]
+        table = [("layer", "adapter", "method", "params")]
+        table += [(p, a, m, f"{n:,d}") for p, a, m, n in self.per_layer]
+        w = [max(len(r[i]) for r in table) for i in range(4)]
+        rows = [f"{p:{w[0]}s} {a:{w[1]}s} {m:{w[2]}s} {n:>{w[3]}s}" for p, a, m, n in table]
         for a, d in self.per_adapter.items():
-            rows.append(f"adapter {a!r}: {d['method']}, {d['layers']} layers, "
-                        f"{d['params']:,} params{' (active)' if d['active'] else ''}")
+            k = d.get("merged_layers", 0)
+            status = ["active"] * bool(d["active"]) + (
+                ["merged"] if k and k == d["layers"] else [f"merged in {k}/{d['layers']} layers"] * bool(k))
+            rows.append(f"adapter {a!r}: {d['method']}, {d['layers']} layers, {d['params']:,} params"
+                        + (f" ({', '.join(status)})" if status else ""))
         rows.append(f"trainable {self.trainable:,} / total {self.total:,} "
                     f"({100 * self.trainable / max(self.total, 1):.3f}%)")
         return "\n".join(rows)
@@ -335,14 +340,19 @@ def summary(model: nn.Module) -> Summary:
     check_model(model, "summary")
     st = state(model)
     per_layer = []
-    per_adapter = {n: {"method": s.method, "layers": 0, "params": 0, "active": n in st.active}
-                   for n, s in st.specs.items()}
+    # merged: folded into the base weights by ak.merge(model, unload=False) (on every layer
+    # that carries it; merged_layers counts them, as layer.merge can fold a single layer)
+    per_adapter = {n: {"method": s.method, "layers": 0, "params": 0, "active": n in st.active,
+                       "merged": False, "merged_layers": 0} for n, s in st.specs.items()}
     for path, layer in adapted_layers(model):
         for n, a in layer.adapters.items():
             k = sum(p.numel() for p in a.parameters())
             per_layer.append((path, n, st.specs[n].method, k))
             per_adapter[n]["layers"] += 1
             per_adapter[n]["params"] += k
+            per_adapter[n]["merged_layers"] += bool(a.merged)
+    for d in per_adapter.values():
+        d["merged"] = d["layers"] > 0 and d["merged_layers"] == d["layers"]
     params = list(model.parameters())
     packed = sum(m.out_features * m.in_features for m in model.modules()
                  if isinstance(getattr(m, "weight", None), torch.Tensor) and not m.weight.is_floating_point())
