@@ -279,7 +279,7 @@ class _NF4Adapted:
         q = NF4Linear.from_weight(m, self._bias(self.weight_dtype), blocksize=self.blocksize,
                                   double_quant=self.double_quant, compute_dtype=self.compute_dtype,
                                   nested_blocksize=self.nested_blocksize).train(self.training)
-        q.requant_drift = requant_drift(m.float(), q.dequantize(torch.float32),
+        q.requant_drift = requant_drift(m, q.dequantize(torch.float32),
                                         self.dequantize(torch.float32))
         return q
 
@@ -306,8 +306,12 @@ def requant_drift(w: torch.Tensor, wq: torch.Tensor, w0: torch.Tensor) -> dict[s
 
     max_rel_output = max_i ||x_i (wq - w)^T|| / ||x_i w^T||   (per-input relative change)
     vs_update      = ||X (wq - w)^T||_F / ||X (w - w0)^T||_F   (the error over the adapters'
-                     update: near or above 1 means re-quantisation undid the fine-tune)
+                     update: near or above 1 means re-quantisation undid the fine-tune);
+                     None while the update is within the rounding of ``w``'s dtype (e.g.
+                     untrained adapters), where the ratio would only measure rounding noise
     """
+    tiny = torch.finfo(w.dtype).eps
+    w = w.float()
     g = torch.Generator(device=w.device).manual_seed(0)
     x = torch.randn(64, w.shape[1], generator=g, device=w.device)
     y = x @ w.t()  # (64, out)
@@ -315,7 +319,7 @@ def requant_drift(w: torch.Tensor, wq: torch.Tensor, w0: torch.Tensor) -> dict[s
     upd = (y - x @ w0.t()).norm()
     rel = (err.norm(dim=1) / y.norm(dim=1).clamp_min(1e-30)).max()
     return {"max_rel_output": float(rel),
-            "vs_update": float(err.norm() / upd) if upd > 0 else math.inf}
+            "vs_update": float(err.norm() / upd) if upd > tiny * y.norm() else None}
 
 
 class _BuildView:
