@@ -171,10 +171,11 @@ def _layer_problem(p: str, d, method: str) -> str | None:
     kind, shape = d.get("kind"), d.get("shape")
     if kind not in KINDS:
         return f"'{p}' has kind={kind!r}, expected one of {list(KINDS)}"
-    dims = (3, 4, 5) if kind == "conv" else (2,)
+    dims = {"conv": (3, 4, 5), "linear": (2,), "conv1d_t": (2,), "embedding": (2,)}.get(kind, range(2, 9))
     if not (isinstance(shape, list) and len(shape) in dims
             and all(isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in shape)):
-        return f"'{p}' has shape={shape!r:.80}, expected {dims[0]}{'-5' if kind == 'conv' else ''} positive ints"
+        n = str(dims[0]) if len(dims) == 1 else f"{dims[0]}-{dims[-1]}"
+        return f"'{p}' has shape={shape!r:.80}, expected a list of {n} positive ints"
     if not isinstance(d.get("base"), str):
         return f"'{p}' has base={d.get('base')!r:.80}, expected a class name"
     if not isinstance(d.get("state", {}), dict):
