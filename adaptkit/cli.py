@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 
 import torch
@@ -140,12 +141,17 @@ def cmd_inspect(args) -> None:
         if os.path.isdir(args.adapter) else os.path.getsize(args.adapter)
     print(f"{args.adapter}: {kind}")
     print(f"spec: {json.dumps(spec)}")
-    print(f"{'layer':40s} {'method':8s} {'base':10s} {'weight':>16s} {'params':>10s}")
+    rows = [("layer", "method", "base", "weight", "params")]
     for p, d in layers.items():
         n = sum(t.numel() for k, t in tensors.items() if k.rsplit(".", 1)[0] == p
                 or d["method"] == "trained" and k.startswith(p + "."))
         shape = "x".join(map(str, d.get("shape", []))) or "-"
-        print(f"{p or '<root>':40.40s} {d['method']:8.8s} {d['base']:10.10s} {shape:>16s} {n:10,d}")
+        rows.append((p or "<root>", d["method"], d["base"], shape, f"{n:,d}"))
+    # columns as wide as their content: a layer path is never cut (it is what --prefix and
+    # rank_pattern are written against)
+    w = [max(len(r[i]) for r in rows) for i in range(5)]
+    for r in rows:
+        print(f"{r[0]:{w[0]}s} {r[1]:{w[1]}s} {r[2]:{w[2]}s} {r[3]:>{w[3]}s} {r[4]:>{w[4]}s}")
     total = sum(t.numel() for t in tensors.values())
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
@@ -179,8 +185,20 @@ def merge_layer(spec: AdapterSpec, path: str, d: dict, weight: torch.Tensor, ten
     return merged, set(names.values())
 
 
+def _swapped(args, what: str) -> AdaptkitError:
+    """The error for ``merge ADAPTER BASE``: the arguments in the other order."""
+    call = " ".join(shlex.quote(a) for a in ("adaptkit", "merge", args.adapter, args.base, "-o", args.output))
+    return AdaptkitError(f"'{args.base}' is {what}, not a base checkpoint: merge takes the base "
+                         f"weights first, then the adapter (adaptkit merge BASE ADAPTER -o OUT). "
+                         f"Swap the two: {call}")
+
+
 def cmd_merge(args) -> None:
+    if os.path.isfile(os.path.join(args.base, "adapter_config.json")):
+        raise _swapped(args, "a PEFT adapter folder")
     base, base_meta = _read_base(args.base)
+    if "adaptkit.format" in base_meta:
+        raise _swapped(args, "an adaptkit adapter file")
     tensors, meta = _load_adapter(args.adapter, base, args.prefix)
     spec = AdapterSpec.from_dict(json.loads(meta["adaptkit.spec"]))
     layers = json.loads(meta["adaptkit.layers"])

@@ -36,19 +36,42 @@ class State:
     input_hook: Any = None
 
 
+def check_model(model: Any, where: str = "adaptkit") -> None:
+    """Refuse anything but a module as the model argument of a public entry point; a path,
+    a state dict or ``model.parameters()`` would otherwise fail deep inside with an
+    AttributeError that names no argument."""
+    if not isinstance(model, nn.Module):
+        raise AdaptkitError(
+            f"{where}: the model argument must be a torch.nn.Module, got {type(model).__name__} "
+            f"{_short(model)}; pass the model object itself (not a path, its state_dict() or "
+            f"its parameters())")
+
+
+def _short(x: Any) -> str:
+    try:
+        r = repr(x)
+    except Exception:  # noqa: BLE001 - any object's __repr__ (or a deeply nested one)
+        return "<unprintable>"
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
 def state(model: nn.Module) -> State:
     """The model's adaptkit state; an empty, unattached one if nothing was injected (so a
-    failed inject leaves no trace on the model)."""
+    failed inject leaves no trace on the model). Checks that ``model`` is a module, so every
+    entry point that starts here refuses a wrong argument clearly."""
+    check_model(model)
     return model.__dict__.get("_adaptkit") or State()
 
 
-def check_name(model: nn.Module, name: str) -> None:
+def check_name(model: nn.Module, name: str, where: str = "inject") -> None:
+    """``where`` is the entry point the user called (inject, load), named in the error."""
     if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise AdaptkitError(f"inject: adapter name {name!r} must be an identifier-like string "
+        raise AdaptkitError(f"{where}: adapter name {name!r} must be an identifier-like string "
                             f"(letters, digits, '_', '-'; no dots); use e.g. name='default'")
     if name in state(model).specs:
-        raise AdaptkitError(f"inject: an adapter named {name!r} already exists on this model; "
-                            f"pick another name or ak.delete(model, {name!r}) first")
+        raise AdaptkitError(f"{where}: an adapter named {name!r} already exists on this model; "
+                            f"ak.delete(model, {name!r}) first, or {where} it under another name "
+                            f"(name='{name}_2')")
 
 
 def plan(model: nn.Module, spec: AdapterSpec, name: str, paths: list[str] | None = None,
@@ -100,8 +123,37 @@ def plan(model: nn.Module, spec: AdapterSpec, name: str, paths: list[str] | None
             if b is not None and f"{p}.bias".lstrip(".") not in extras:
                 extras.append(f"{p}.bias".lstrip("."))
     if errors:
-        raise AdaptkitError(f"{type(spec).__name__} ({name!r}): " + "; ".join(errors))
+        raise AdaptkitError(plan_error(spec, name, errors, paths))
     return built, extras
+
+
+_QUOTED = re.compile(r"'([^']*)'")
+
+
+def plan_error(spec: AdapterSpec, name: str, errors: list[str], paths: list[str]) -> str:
+    """One message for all of plan's problems. A wrong rank is usually wrong on every layer,
+    so problems that differ only by the quoted layer path become one clause naming the
+    layers, and the method name the per-layer checks start with is not repeated after the
+    message's own prefix."""
+    from .spec import METHODS
+    own = type(spec).__name__
+    prefixes = tuple(f"{n}: " for n in {own, *(c.__name__ for c in METHODS.values())})
+    known = set(paths)
+    groups: dict[str, list[str]] = {}
+    for msg in errors:
+        msg = next((msg[len(p):] for p in prefixes if msg.startswith(p)), msg)
+        hit = next((m for m in _QUOTED.finditer(msg) if m.group(1) in known), None)
+        if hit is None:
+            groups.setdefault(msg, [])
+        else:
+            groups.setdefault(msg[:hit.start()] + "\0" + msg[hit.end():], []).append(hit.group(1))
+    parts = []
+    for template, where in groups.items():
+        shown = ", ".join(f"'{p}'" for p in where[:3])
+        if len(where) > 3:
+            shown += f", ... ({len(where)} layers)"
+        parts.append(template.replace("\0", shown) if where else template)
+    return f"{own} ({name!r}): " + "; ".join(parts)
 
 
 def attach(model: nn.Module, spec: AdapterSpec, name: str, built, extras: list[str]) -> list[str]:
@@ -180,6 +232,7 @@ def inject(model: nn.Module, spec: AdapterSpec, name: str = "default") -> list[s
     On a model with ``get_input_embeddings()`` (transformers), the embedding output is made to
     require grad while gradient checkpointing is on, so reentrant checkpointing trains the
     adapters (see :class:`_InputGrads`; removed with the last adapter)."""
+    check_model(model, "inject")
     built, extras = plan(model, spec, name)
     return attach(model, spec, name, built, extras)
 
@@ -215,6 +268,7 @@ def _names(model: nn.Module, names) -> list[str]:
 
 def set_active(model: nn.Module, names) -> None:
     """Make exactly ``names`` active (summed in forward, trainable); the rest are frozen."""
+    check_model(model, "set_active")
     state(model).active = _names(model, names)
     refresh(model)
 
@@ -222,6 +276,7 @@ def set_active(model: nn.Module, names) -> None:
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model: every adapter is skipped (merged ones are unmerged meanwhile)."""
+    check_model(model, "disabled")
     layers = adapted_layers(model)
     merged = {p: [n for n, a in l.adapters.items() if a.merged] for p, l in layers}
     active = {p: l._active_names for p, l in layers}
@@ -239,6 +294,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 def delete(model: nn.Module, name: str) -> None:
     """Remove adapter ``name``; layers left with no adapter become plain modules again."""
+    check_model(model, "delete")
     _names(model, name)
     st = state(model)
     for path, layer in adapted_layers(model):
@@ -265,11 +321,16 @@ class Summary:
     per_layer: list[tuple[str, str, str, int]]  # (path, adapter, method, params)
 
     def __str__(self) -> str:
-        rows = [f"{'layer':48s} {'adapter':10s} {'method':8s} {'params':>10s}"]
-        rows += [f"{p:48.48s} {a:10.10s} {m:8s} {n:10,d}" for p, a, m, n in self.per_layer]
+        table = [("layer", "adapter", "method", "params")]
+        table += [(p, a, m, f"{n:,d}") for p, a, m, n in self.per_layer]
+        w = [max(len(r[i]) for r in table) for i in range(4)]
+        rows = [f"{p:{w[0]}s} {a:{w[1]}s} {m:{w[2]}s} {n:>{w[3]}s}" for p, a, m, n in table]
         for a, d in self.per_adapter.items():
-            rows.append(f"adapter {a!r}: {d['method']}, {d['layers']} layers, "
-                        f"{d['params']:,} params{' (active)' if d['active'] else ''}")
+            k = d.get("merged_layers", 0)
+            status = ["active"] * bool(d["active"]) + (
+                ["merged"] if k and k == d["layers"] else [f"merged in {k}/{d['layers']} layers"] * bool(k))
+            rows.append(f"adapter {a!r}: {d['method']}, {d['layers']} layers, {d['params']:,} params"
+                        + (f" ({', '.join(status)})" if status else ""))
         rows.append(f"trainable {self.trainable:,} / total {self.total:,} "
                     f"({100 * self.trainable / max(self.total, 1):.3f}%)")
         return "\n".join(rows)
@@ -280,10 +341,13 @@ class Summary:
 def summary(model: nn.Module) -> Summary:
     """Trainable / total parameters, per adapter and per layer. A quantised (NF4) weight is
     a buffer of packed bytes; it counts as its out x in parameters, as in the float model."""
+    check_model(model, "summary")
     st = state(model)
     per_layer = []
-    per_adapter = {n: {"method": s.method, "layers": 0, "params": 0, "active": n in st.active}
-                   for n, s in st.specs.items()}
+    # merged: folded into the base weights by ak.merge(model, unload=False) (on every layer
+    # that carries it; merged_layers counts them, as layer.merge can fold a single layer)
+    per_adapter = {n: {"method": s.method, "layers": 0, "params": 0, "active": n in st.active,
+                       "merged": False, "merged_layers": 0} for n, s in st.specs.items()}
     for path, layer in adapted_layers(model):
         for n, a in layer.adapters.items():
             if n not in st.specs:  # a module's own adapter (ak.MoRALinear)
@@ -292,6 +356,9 @@ def summary(model: nn.Module) -> Summary:
             per_layer.append((path, n, st.specs[n].method, k))
             per_adapter[n]["layers"] += 1
             per_adapter[n]["params"] += k
+            per_adapter[n]["merged_layers"] += bool(a.merged)
+    for d in per_adapter.values():
+        d["merged"] = d["layers"] > 0 and d["merged_layers"] == d["layers"]
     params = list(model.parameters())
     packed = sum(m.out_features * m.in_features for m in model.modules()
                  if isinstance(getattr(m, "weight", None), torch.Tensor) and not m.weight.is_floating_point())

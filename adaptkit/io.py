@@ -20,8 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import AdaptkitError
-from .inject import attach, plan, state
-from .layer import adapted_layers, base_kind, weight_shape
+from .inject import attach, check_model, check_name, plan, state
+from .layer import KINDS, adapted_layers, base_kind, weight_shape
 from .spec import AdapterSpec
 
 FORMAT = "1"
@@ -73,6 +73,7 @@ def save(model: nn.Module, path: str | os.PathLike, name: str = "default") -> No
     Distributed: with DDP pass the wrapped model (``ddp.module``) and call it on one rank.
     With FSDP2 (``fully_shard``: DTensor parameters) call it on every rank: the shards are
     gathered (a collective) and rank 0 writes the same file a single process would."""
+    check_model(model, "save")
     st = state(model)
     if name not in st.specs:
         raise AdaptkitError(f"save: no adapter named {name!r}; this model has {sorted(st.specs)}")
@@ -131,7 +132,79 @@ def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, st
     for k in ("adaptkit.spec", "adaptkit.layers"):
         if k not in meta:
             raise AdaptkitError(f"load: '{path}' lacks the metadata key {k!r}; re-save it with ak.save")
+    parse_meta(meta, path)  # every reader of the file (load, the command line) gets checked fields
     return tensors, meta
+
+
+def json_object(meta: dict[str, str], key: str, where: str, writer: str = "ak.save") -> dict:
+    """The JSON object in metadata field ``key``; ``writer`` is the call that writes the file."""
+    if not isinstance(meta.get(key), str):
+        raise AdaptkitError(f"{where}: the metadata field {key!r} is missing; re-save it with {writer}")
+    try:
+        v = json.loads(meta[key])
+    except RecursionError:
+        raise AdaptkitError(f"{where}: metadata field {key!r} is JSON nested too deeply to be "
+                            f"adaptkit's; the file is corrupt or was edited: re-save it with {writer}") from None
+    except ValueError as e:  # JSONDecodeError, and integers past Python's digit limit
+        raise AdaptkitError(f"{where}: corrupt JSON in metadata field {key!r} ({e}); the file is "
+                            f"corrupt or was edited: re-save it with {writer}") from None
+    if not isinstance(v, dict):
+        raise AdaptkitError(f"{where}: metadata field {key!r} must be a JSON object, got a JSON "
+                            f"{_json_type(v)}; the file is corrupt or was edited: re-save it with {writer}")
+    return v
+
+
+def _json_type(v) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(v), "number")
+
+
+def _layer_problem(p: str, d, method: str) -> str | None:
+    """What is wrong with one ``adaptkit.layers`` entry, or None."""
+    if not isinstance(d, dict):
+        return f"'{p}' is a JSON {_json_type(d)}, expected an object"
+    m = d.get("method")
+    if m == "trained":  # a modules_to_save module or a trained bias: only its tensors matter
+        return None if isinstance(d.get("base"), str) else f"'{p}' has base={d.get('base')!r:.80}, expected a class name"
+    if m != method:
+        return f"'{p}' has method={m!r}, expected the spec's {method!r} or 'trained'"
+    kind, shape = d.get("kind"), d.get("shape")
+    if kind not in KINDS:
+        return f"'{p}' has kind={kind!r}, expected one of {list(KINDS)}"
+    dims = {"conv": (3, 4, 5), "linear": (2,), "conv1d_t": (2,), "embedding": (2,)}.get(kind, range(2, 9))
+    if not (isinstance(shape, list) and len(shape) in dims
+            and all(isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in shape)):
+        n = str(dims[0]) if len(dims) == 1 else f"{dims[0]}-{dims[-1]}"
+        return f"'{p}' has shape={shape!r:.80}, expected a list of {n} positive ints"
+    if not isinstance(d.get("base"), str):
+        return f"'{p}' has base={d.get('base')!r:.80}, expected a class name"
+    if not isinstance(d.get("state", {}), dict):
+        return f"'{p}' has state={d.get('state')!r:.80}, expected an object"
+    return None
+
+
+def parse_meta(meta: dict[str, str], path: str) -> tuple[AdapterSpec, dict[str, dict]]:
+    """The spec and the layer table of an adapter file's metadata, every field checked, so
+    that a corrupt or hand-edited file fails here naming the file and the field instead of
+    crashing whichever code reads the field first."""
+    where = f"load: '{path}'"
+    d = json_object(meta, "adaptkit.spec", where)
+    try:
+        spec = AdapterSpec.from_dict(d)
+    except AdaptkitError as e:
+        raise AdaptkitError(f"{where}: metadata field 'adaptkit.spec': {e}") from None
+    except (TypeError, RecursionError) as e:  # a wrong-typed field some method's checks trip on
+        raise AdaptkitError(f"{where}: metadata field 'adaptkit.spec' has a field of the wrong type "
+                            f"({type(e).__name__}: {str(e)[:200]}); the file is corrupt or was "
+                            f"edited: re-save it with ak.save") from None
+    layers = json_object(meta, "adaptkit.layers", where)
+    bad = [b for b in (_layer_problem(p, v, spec.method) for p, v in layers.items()) if b]
+    if bad:
+        more = f"; ... ({len(bad)} entries)" if len(bad) > 5 else ""
+        raise AdaptkitError(f"{where}: metadata field 'adaptkit.layers' is malformed: "
+                            f"{'; '.join(bad[:5])}{more}; the file is corrupt or was edited: "
+                            f"re-save it with ak.save")
+    return spec, layers
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -157,6 +230,7 @@ def load(model: nn.Module, path: str | os.PathLike, name: str = "default") -> li
 
     Everything is checked first (paths, base types and shapes, every key and tensor shape);
     on any problem one AdaptkitError lists all of them and the model is unchanged."""
+    check_model(model, "load")
     tensors, meta = read(path)
     return load_tensors(model, tensors, meta, name, os.fspath(path))
 
@@ -178,11 +252,9 @@ def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[
                  name: str = "default", path: str = "<memory>") -> list[str]:
     """:func:`load` from tensors and metadata already in memory (format 1 layout; used by
     ``ak.peft_compat``); ``path`` only names the source in errors."""
-    try:
-        spec = AdapterSpec.from_dict(json.loads(meta["adaptkit.spec"]))
-        layers = json.loads(meta["adaptkit.layers"])
-    except json.JSONDecodeError as e:
-        raise AdaptkitError(f"load: corrupt JSON metadata in '{path}': {e}") from None
+    check_model(model, "load")
+    check_name(model, name, "load")
+    spec, layers = parse_meta(meta, path)
     problems = []
     adapted = {p: d for p, d in layers.items() if d.get("method") == spec.method}
     for p, d in adapted.items():

@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 
 from .errors import AdaptkitError
-from .inject import state
-from .io import key_problems, read_safetensors, write_safetensors
+from .inject import check_model, state
+from .io import json_object, key_problems, read_safetensors, write_safetensors
 from .layer import AdaptedLayer, adapted_layers, base_kind
 from .nf4 import NF4State
 from .nf4_linear import DTYPE_NAMES, DTYPES, NF4Linear, check_settings
@@ -46,6 +46,7 @@ def quantize(model: nn.Module, targets="all-linear", *, exclude=None, blocksize:
     quantised paths; Linears that already are NF4 are skipped. Everything is checked and
     quantised before the first module is swapped."""
     owner = "adaptkit.nf4.quantize"
+    check_model(model, owner)
     check_settings(owner, blocksize, double_quant, compute_dtype)
     _no_adapters(model, owner)
     paths = select_paths(model, _as_tuple(owner, "targets", targets), _as_tuple(owner, "exclude", exclude),
@@ -74,6 +75,7 @@ def _key(path: str, leaf: str) -> str:
 def save(model: nn.Module, path: str | os.PathLike) -> None:
     """Write the model's weights with its NF4 layers packed (module docstring), atomically.
     Adapters are not included (``ak.save`` writes those)."""
+    check_model(model, "adaptkit.nf4.save")
     nf4 = _nf4_modules(model)
     if not nf4:
         raise AdaptkitError("adaptkit.nf4.save: the model has no NF4 layer; quantise it first "
@@ -104,6 +106,7 @@ def load(model: nn.Module, path: str | os.PathLike) -> list[str]:
     Linears at the file's NF4 paths become NF4Linear) or an already quantised one. Returns
     the NF4 paths. Missing / unexpected / mis-shaped keys are reported together and leave
     the model untouched."""
+    check_model(model, "adaptkit.nf4.load")
     tensors, meta = read_safetensors(path)
     where = f"adaptkit.nf4.load '{os.fspath(path)}'"
     if meta.get("adaptkit.nf4.format") != FORMAT:
@@ -111,7 +114,13 @@ def load(model: nn.Module, path: str | os.PathLike) -> list[str]:
         raise AdaptkitError(f"{where}: adaptkit.nf4.format={meta.get('adaptkit.nf4.format')!r}, "
                             f"expected {FORMAT!r} ({hint})")
     _no_adapters(model, where)
-    layers = json.loads(meta.get("adaptkit.nf4.layers", "{}"))
+    layers = json_object(meta, "adaptkit.nf4.layers", where, "adaptkit.nf4.save")
+    bad = [p for p, d in layers.items() if not (isinstance(d, dict) and isinstance(d.get("compute_dtype"), str)
+                                              and d["compute_dtype"] in DTYPES)]
+    if bad:
+        raise AdaptkitError(f"{where}: metadata field 'adaptkit.nf4.layers' is malformed at {bad[:3]}: "
+                            f"each entry must be {{\"compute_dtype\": one of {list(DTYPES)}}}; the file is "
+                            f"corrupt or was edited: re-save it with adaptkit.nf4.save")
     problems, built = [], {}
     for p, d in layers.items():
         try:
@@ -167,5 +176,6 @@ def load(model: nn.Module, path: str | os.PathLike) -> list[str]:
 
 def drift_report(model: nn.Module) -> dict[str, dict[str, float]]:
     """Per path, the ``requant_drift`` that ``ak.merge(model, requantize=True)`` recorded."""
+    check_model(model, "adaptkit.nf4.drift_report")
     return {p: m.requant_drift for p, m in model.named_modules()
             if isinstance(getattr(m, "requant_drift", None), dict)}

@@ -33,7 +33,6 @@ dtype (deq(W) + delta summed in fp32), never a silently re-quantised one (PEFT's
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
@@ -260,7 +259,7 @@ class NF4Base(LinearBase):
         q = NF4Linear.from_weight(m, _bias(layer, layer.weight_dtype), blocksize=layer.blocksize,
                                   double_quant=layer.double_quant, compute_dtype=layer.compute_dtype,
                                   nested_blocksize=layer.nested_blocksize).train(layer.training)
-        q.requant_drift = requant_drift(m.float(), q.dequantize(torch.float32),
+        q.requant_drift = requant_drift(m, q.dequantize(torch.float32),
                                         layer.dequantize(torch.float32))
         return q
 
@@ -285,8 +284,12 @@ def requant_drift(w: torch.Tensor, wq: torch.Tensor, w0: torch.Tensor) -> dict[s
 
     max_rel_output = max_i ||x_i (wq - w)^T|| / ||x_i w^T||   (per-input relative change)
     vs_update      = ||X (wq - w)^T||_F / ||X (w - w0)^T||_F   (the error over the adapters'
-                     update: near or above 1 means re-quantisation undid the fine-tune)
+                     update: near or above 1 means re-quantisation undid the fine-tune);
+                     None while the update is within the rounding of ``w``'s dtype (e.g.
+                     untrained adapters), where the ratio would only measure rounding noise
     """
+    tiny = torch.finfo(w.dtype).eps
+    w = w.float()
     g = torch.Generator(device=w.device).manual_seed(0)
     x = torch.randn(64, w.shape[1], generator=g, device=w.device)
     y = x @ w.t()  # (64, out)
@@ -294,4 +297,4 @@ def requant_drift(w: torch.Tensor, wq: torch.Tensor, w0: torch.Tensor) -> dict[s
     upd = (y - x @ w0.t()).norm()
     rel = (err.norm(dim=1) / y.norm(dim=1).clamp_min(1e-30)).max()
     return {"max_rel_output": float(rel),
-            "vs_update": float(err.norm() / upd) if upd > 0 else math.inf}
+            "vs_update": float(err.norm() / upd) if upd > tiny * y.norm() else None}

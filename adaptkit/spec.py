@@ -40,6 +40,9 @@ def _as_tuple(owner: str, fld: str, value: Pattern) -> tuple[str, ...] | None:
     """Normalise a str / list of regexes to a tuple (hashable, JSON-friendly)."""
     if value is None:
         return None
+    if not isinstance(value, (str, list, tuple)):
+        raise AdaptkitError(f"{owner}: {fld} must be a regex string or a list of them, "
+                            f"got {type(value).__name__} {value!r:.80}")
     items = (value,) if isinstance(value, str) else tuple(value)
     for p in items:
         if not isinstance(p, str):
@@ -105,9 +108,10 @@ class AdapterSpec:
             set_(fld, dict(pat))
         ltt = self.layers_to_transform
         if ltt is not None:
-            ltt = (ltt,) if isinstance(ltt, int) else tuple(ltt)
-            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ltt):
-                raise AdaptkitError(f"{name}: layers_to_transform must be non-negative ints, got {ltt!r}")
+            ltt = (ltt,) if isinstance(ltt, int) else tuple(ltt) if isinstance(ltt, (list, tuple)) else None
+            if ltt is None or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ltt):
+                raise AdaptkitError(f"{name}: layers_to_transform must be non-negative ints, got "
+                                    f"{self.layers_to_transform!r:.80}; use e.g. layers_to_transform=[0, 1]")
             set_("layers_to_transform", ltt)
         if self.bias not in BIAS_MODES:
             raise AdaptkitError(f"{name}: bias={self.bias!r} is not one of {BIAS_MODES}")

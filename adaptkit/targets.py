@@ -112,13 +112,49 @@ def select_paths(model: nn.Module, targets: tuple[str, ...], exclude: tuple[str,
                 continue
         out.append(path)
     if not out:
-        names = [n for n, _ in model.named_modules() if n][:12]
-        raise AdaptkitError(
-            f"{owner}: targets={list(targets)} matched no module "
-            f"(exclude={exclude}, layers_to_transform={layers}). "
-            f"Patterns are re.fullmatch-ed against full paths; some real paths: {names}. "
-            f"Use e.g. targets=r'.*\\.{names[-1].split('.')[-1] if names else 'q_proj'}'")
+        raise AdaptkitError(_no_match(model, owner, targets, exclude, layers, layers_pattern,
+                                      all_linear))
     return out
+
+
+def _listed(paths: list[str], n: int = 4) -> str:
+    shown = ", ".join(f"'{p}'" for p in paths[:n])
+    return shown + (f", ... ({len(paths)} modules)" if len(paths) > n else "")
+
+
+def _no_match(model: nn.Module, cls: str, targets, exclude, layers, layers_pattern, all_linear: bool) -> str:
+    """The zero-match message. A user coming from PEFT writes bare names (``["q_proj",
+    "v_proj"]``), which PEFT matches as path suffixes; the hint shows the adaptable (leaf)
+    modules those names would have meant and the regex that selects them, rather than the
+    first few paths of the tree, which are containers."""
+    owner = f"{cls}: targets={list(targets)} matched no module"
+    paths = [p for p, m in model.named_modules() if p and not _inside_wrapper(p, model)]
+    leaves = [p for p in paths if base_kind(model.get_submodule(p)) is not None]
+    if all_linear:
+        return (f"{owner}: the model has no Linear-like module besides its output head; "
+                f"adaptable modules: [{_listed(leaves) or 'none'}]; name them with a regex instead")
+    hit = [p for p in paths if matches(targets, p)]
+    if hit:  # exclude / layers_to_transform removed every match
+        return (f"{cls}: matched no module left to adapt: targets={list(targets)} matched "
+                f"{_listed(hit)}, but exclude={exclude} / layers_to_transform="
+                f"{layers} (layers_pattern={layers_pattern}) removed all "
+                f"of them; loosen those")
+    rule = "patterns are re.fullmatch-ed against full module paths (no suffix matching, unlike PEFT)"
+    asked = [t for t in targets if any(re.fullmatch(rf"(?:.*\.)?(?:{t})", p) for p in leaves)]
+    if asked:
+        meant = [p for p in leaves if any(re.fullmatch(rf"(?:.*\.)?(?:{t})", p) for t in asked)]
+        suffix = asked[0] if len(asked) == 1 and re.fullmatch(r"\w+", asked[0]) else f"({'|'.join(asked)})"
+        return (f"{owner}: {rule}. Adaptable modules ending with {asked}: {_listed(meant)}. "
+                f"Use targets=r\".*\\.{suffix}\"")
+    names = list(dict.fromkeys(p.rsplit(".", 1)[-1] for p in leaves))
+    if not names:
+        return (f"{owner}: the model has no adaptable module (Linear, Conv, Embedding, GPT-2 "
+                f"Conv1D); some paths: [{_listed(paths, 8)}]")
+    linear = [p.rsplit(".", 1)[-1] for p in leaves if base_kind(model.get_submodule(p)) in ("linear", "conv1d_t")]
+    pick = list(dict.fromkeys(linear or names))[:2]
+    example = pick[0] if len(pick) == 1 else f"({'|'.join(pick)})"
+    return (f"{owner}: {rule}. Adaptable modules: {_listed(leaves)}; their names: {names[:12]}. "
+            f"Use e.g. targets=r\".*\\.{example}\"")
 
 
 def _inside_wrapper(path: str, model: nn.Module) -> bool:

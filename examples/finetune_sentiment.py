@@ -1,8 +1,11 @@
 """The main job: LoRA fine-tune of the real all-MiniLM-L6-v2 encoder on Rotten Tomatoes.
 
-    bash scripts/demo.sh            # full run (~5-8 min on 2 CPU cores)
+    bash scripts/demo.sh            # full run (about 4 min on 2 CPU cores)
     bash scripts/demo.sh --quick    # CI-sized run (< 1 min)
     bash scripts/demo.sh --qlora    # same, with the encoder's Linear weights in NF4
+
+The adapter is written to runs/sentiment_<method>.safetensors (lora / qlora), so the two
+runs keep their own files; --out overrides it.
 
 Steps: frozen-encoder linear probe (the baseline) -> LoRA (rank 8 on query / key / value /
 attention-output / FFN, classifier head trained in full via modules_to_save and started
@@ -22,6 +25,7 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import adaptkit as ak  # noqa: E402
@@ -43,20 +47,6 @@ class Classifier(nn.Module):
         return self.head(self.encoder(ids, mask))  # (B, 2)
 
 
-def progress(it, total: int, label: str):
-    """A dependency-free progress bar on stderr."""
-    t0 = time.time()
-    for i, x in enumerate(it, 1):
-        yield x
-        if i == total or i % max(1, total // 50) == 0:
-            done = int(30 * i / total)
-            el = time.time() - t0
-            sys.stderr.write(f"\r{label} [{'#' * done}{'.' * (30 - done)}] {i}/{total} "
-                             f"{el:5.0f}s eta {el / i * (total - i):4.0f}s")
-            sys.stderr.flush()
-    sys.stderr.write("\n")
-
-
 def train_probe(xtr, ytr, epochs=300, lr=0.05, wd=1e-4) -> nn.Linear:
     """Logistic regression on frozen embeddings (full-batch AdamW on standardised features
     folded back into the layer)."""
@@ -76,11 +66,11 @@ def train_probe(xtr, ytr, epochs=300, lr=0.05, wd=1e-4) -> nn.Linear:
 
 
 @torch.no_grad()
-def evaluate(model, tok, texts, labels, bs=128) -> tuple[float, torch.Tensor]:
+def evaluate(model, tok, texts, labels, bs=128, desc="evaluate") -> tuple[float, torch.Tensor]:
     model.eval()
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     logits = torch.empty(len(texts), 2)
-    for s in range(0, len(order), bs):
+    for s in tqdm(range(0, len(order), bs), desc=desc, unit="batch"):
         idx = order[s:s + bs]
         ids, mask = encode(tok, [texts[i] for i in idx])
         logits[idx] = model(ids, mask).float()
@@ -117,11 +107,12 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))
-    ap.add_argument("--out", default="runs/sentiment_adapter.safetensors")
+    ap.add_argument("--out", help="adapter file (default runs/sentiment_<lora|qlora>.safetensors)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     kind = "qlora" if args.qlora else "lora"
+    out = args.out or f"runs/sentiment_{kind}.safetensors"
 
     tr_x, tr_y, te_x, te_y = load_rotten_tomatoes()
     if args.quick:
@@ -136,8 +127,8 @@ def main(argv=None) -> int:
     # 1. baseline: linear probe on the frozen encoder
     enc, _ = load_minilm()
     t0 = time.time()
-    xtr = embed_texts(enc, tok, tr_x, batch_size=128)
-    xte = embed_texts(enc, tok, te_x, batch_size=128)
+    xtr = embed_texts(enc, tok, tr_x, batch_size=128, desc="probe: embed train")
+    xte = embed_texts(enc, tok, te_x, batch_size=128, desc="probe: embed test")
     probe = train_probe(xtr, tr_y)
     probe_acc = (probe(xte).argmax(1) == torch.tensor(te_y)).float().mean().item()
     print(f"linear probe (frozen encoder): accuracy {probe_acc:.4f}  ({time.time() - t0:.0f}s)")
@@ -159,7 +150,7 @@ def main(argv=None) -> int:
         opt, lambda i: min(1.0, (i + 1) / (0.06 * steps)) * max(0.0, (steps - i) / steps))
     model.train()
     t0 = time.time()
-    for idx in progress(plan, steps, f"{kind} train"):
+    for idx in tqdm(plan, desc=f"{kind} train", unit="step"):
         ids, mask = encode(tok, [tr_x[i] for i in idx])
         loss = F.cross_entropy(model(ids, mask), torch.tensor([tr_y[i] for i in idx]))
         opt.zero_grad(set_to_none=True)
@@ -167,21 +158,21 @@ def main(argv=None) -> int:
         opt.step()
         sched.step()
     sec_step = (time.time() - t0) / steps
-    acc, logits = evaluate(model, tok, te_x, te_y)
+    acc, logits = evaluate(model, tok, te_x, te_y, desc=f"{kind} evaluate")
     print(f"{kind} fine-tune: accuracy {acc:.4f} (probe {probe_acc:.4f}, {100 * (acc - probe_acc):+.1f} "
           f"points), {sec_step:.3f} s/step, {steps} steps")
 
     # 3. save -> load into a fresh model -> equal outputs -> merge -> equal outputs
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    ak.save(model, args.out)
-    print(f"saved adapter: {args.out} ({os.path.getsize(args.out) / 1e6:.2f} MB)")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    ak.save(model, out)
+    print(f"saved adapter: {out} ({os.path.getsize(out) / 1e6:.2f} MB)")
     fresh, _ = build(kind, None, hidden)
     base_keys = list(copy.deepcopy(fresh).state_dict())
-    ak.load(fresh, args.out)
-    _, logits_loaded = evaluate(fresh, tok, te_x, te_y)
+    ak.load(fresh, out)
+    _, logits_loaded = evaluate(fresh, tok, te_x, te_y, desc="loaded evaluate")
     load_diff = (logits_loaded - logits).abs().max().item()
     merged = ak.merge(fresh)
-    _, logits_merged = evaluate(merged, tok, te_x, te_y)
+    _, logits_merged = evaluate(merged, tok, te_x, te_y, desc="merged evaluate")
     merge_diff = (logits_merged - logits).abs().max().item()
     plain = all(not isinstance(m, ak.layer.AdaptedLayer) for m in merged.modules())
     same_keys = list(merged.state_dict()) == base_keys  # QLoRA too: a dense nn.Linear again

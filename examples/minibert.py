@@ -319,15 +319,21 @@ def encode(tok, texts: list[str], device: str | torch.device = "cpu") -> tuple[t
 
 
 @torch.no_grad()
-def embed_texts(model: MiniBert, tok, texts: list[str], batch_size: int = 128, normalize: bool = False) -> torch.Tensor:
+def embed_texts(model: MiniBert, tok, texts: list[str], batch_size: int = 128, normalize: bool = False,
+                desc: str | None = None) -> torch.Tensor:
     """Frozen mean-pooled embeddings for many texts, (N, H) on CPU. Sorting by length
-    keeps padding small; the output is returned in the input order."""
+    keeps padding small; the output is returned in the input order. ``desc``: show a
+    progress bar with that label (a full dataset takes minutes on a CPU)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = torch.empty(len(texts), model.config.hidden_size)
-    for s in range(0, len(order), batch_size):
+    starts = range(0, len(order), batch_size)
+    if desc is not None:
+        from tqdm import tqdm
+        starts = tqdm(starts, desc=desc, unit="batch")
+    for s in starts:
         idx = order[s : s + batch_size]
         ids, mask = encode(tok, [texts[i] for i in idx], device)
         out[idx] = model(ids, mask, normalize=normalize).float().cpu()  # (b, H)

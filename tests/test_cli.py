@@ -165,3 +165,32 @@ def test_merge_of_a_qlora_adapter_equals_ak_merge(tmp_path):
     assert set(got) == set(want)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+
+
+def test_inspect_shows_full_layer_paths(tmp_path, capsys):
+    """Paths are never cut (the table used to stop at 40 characters); columns fit the content."""
+    deep = nn.Module()
+    deep.model = nn.ModuleDict({"decoder_layers_with_a_long_name": nn.ModuleList(
+        nn.ModuleDict({"self_attention": nn.ModuleDict({"query_projection": nn.Linear(4, 4)})}) for _ in range(2))})
+    ak.inject(deep, ak.LoRA(rank=2, targets=r".*query_projection"))
+    ak.save(deep, tmp_path / "a.safetensors")
+    assert main(["inspect", str(tmp_path / "a.safetensors")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    path = "model.decoder_layers_with_a_long_name.1.self_attention.query_projection"
+    row = next(r for r in out if r.startswith(path))
+    assert row.split() == [path, "lora", "Linear", "4x4", "16"]
+    header = next(r for r in out if r.startswith("layer"))
+    assert header.index("method") == row.index("lora") == len(path) + 1
+
+
+def test_merge_with_the_files_swapped_says_so(files, capsys):
+    tmp, _ = files
+    for adapter in (tmp / "ad.safetensors", tmp / "peft"):
+        if adapter.name == "peft" and not adapter.exists():
+            assert main(["convert", str(tmp / "ad.safetensors"), "-o", str(adapter)]) == 0
+        capsys.readouterr()
+        assert main(["merge", str(adapter), str(tmp / "base.safetensors"), "-o", str(tmp / "y.safetensors")]) == 1
+        err = capsys.readouterr().err
+        assert f"'{adapter}' is a" in err and "adapter" in err and "not a base checkpoint" in err, err
+        assert f"adaptkit merge {tmp / 'base.safetensors'} {adapter} -o {tmp / 'y.safetensors'}" in err, err
+        assert not (tmp / "y.safetensors").exists()

@@ -180,6 +180,27 @@ def test_summary_counts():
     assert "trainable 96" in str(s)
 
 
+def test_summary_shows_merged_adapters():
+    """After merge(unload=False) the summary says which adapters are folded into the weights."""
+    m = LM()
+    ak.inject(m, ak.LoRA(rank=2, targets=r".*q_proj"), name="a")
+    ak.inject(m, ak.LoRA(rank=2, targets=r".*v_proj"), name="b")
+    ak.set_active(m, ["a"])
+    s = ak.summary(m)
+    assert not s.per_adapter["a"]["merged"] and "adapter 'a': lora, 3 layers, 96 params (active)\n" in str(s)
+    ak.merge(m, unload=False)
+    s = ak.summary(m)
+    assert s.per_adapter["a"]["merged"] and s.per_adapter["a"]["merged_layers"] == 3
+    assert not s.per_adapter["b"]["merged"] and s.per_adapter["b"]["active"] is False
+    assert "adapter 'a': lora, 3 layers, 96 params (active, merged)" in str(s), str(s)
+    assert "adapter 'b': lora, 3 layers, 96 params\n" in str(s), str(s)
+    path = next(p for p, _, _, _ in s.per_layer if p.endswith("q_proj"))
+    path_layer = m.get_submodule(path)
+    path_layer.unmerge()
+    assert "(active, merged in 2/3 layers)" in str(ak.summary(m))
+    assert set(s.per_adapter["a"]) >= {"method", "layers", "params", "active"}  # fields kept
+
+
 def test_summary_counts_quantised_weights_as_parameters():
     m = LM()
     total = sum(p.numel() for p in m.parameters())

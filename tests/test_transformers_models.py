@@ -385,7 +385,7 @@ def test_deepcopy_of_injected_model_keeps_its_own_hook():
 def test_qlora_refuses_gpt2_conv1d_and_changes_nothing():
     m = build("gpt2")
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    with pytest.raises(ak.AdaptkitError, match=r"QLoRA cannot adapt 'transformer\.h\.0\.attn\.c_attn' \(Conv1D\)"):
+    with pytest.raises(ak.AdaptkitError, match=r"QLoRA cannot adapt 'transformer\.h\.0\.attn\.c_attn', .* \(Conv1D\)"):
         ak.inject(m, ak.QLoRA(rank=4, targets="all-linear"))
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
     assert not any(isinstance(x, ak.layer.AdaptedLayer) for x in m.modules())

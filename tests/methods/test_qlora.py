@@ -753,3 +753,22 @@ def test_load_shape_error_names_the_dense_shape_of_an_nf4_layer(tmp_path):
     ak.nf4.quantize(other, targets=["0"])
     with pytest.raises(AdaptkitError, match=r"model has NF4Linear weight \[48, 64\]"):
         ak.load(other, tmp_path / "a.safetensors")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_drift_report_vs_update_only_when_there_is_an_update(dtype):
+    """Right after inject the adapters' update is zero (or, in bf16, only the rounding of the
+    merged weight), so vs_update would be inf or a meaningless ratio: it is None then, and a
+    finite number once the adapters have trained."""
+    for trained in (False, True):
+        q = _net().to(dtype)
+        ak.inject(q, ak.QLoRA(rank=4, targets="a|b"))
+        if trained:
+            randomise_adapters(q, 0.3, add=True, seed=1)
+        with pytest.warns(UserWarning, match="re-quantising"):
+            report = ak.nf4.drift_report(ak.merge(q, requantize=True))
+        for p, d in report.items():
+            assert d["max_rel_output"] > 0, (p, d)
+            assert (d["vs_update"] is None) != trained, (p, d)
+            if trained:
+                assert math.isfinite(d["vs_update"]) and d["vs_update"] > 0, (p, d)

@@ -129,3 +129,65 @@ def test_malformed_files_fail_with_adaptkit_error(pos, byte, cut):
         except ak.AdaptkitError:
             after = fresh.state_dict()
             assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                    max_leaves=12)
+_FIELDS = ("adaptkit.format", "adaptkit.version", "adaptkit.spec", "adaptkit.layers")
+
+
+@st.composite
+def metadata_edits(draw, meta):
+    """One metadata field of a valid file replaced: random JSON of any shape, text that may not
+    be JSON, JSON nested past the recursion limit, or the valid object with one entry (or one
+    key of one layer entry) given a random value."""
+    import json
+    field = draw(st.sampled_from(_FIELDS))
+    how = draw(st.sampled_from(["json", "text", "deep", "entry"]))
+    if how == "json":
+        value = json.dumps(draw(JSON))
+    elif how == "text":
+        value = draw(st.text(max_size=40))
+    elif how == "deep":
+        n = draw(st.integers(500, 50_000))
+        value = draw(st.sampled_from(["[" * n + "]" * n, '{"a": ' * n + "1" + "}" * n]))
+    else:
+        obj = json.loads(meta[field]) if field in ("adaptkit.spec", "adaptkit.layers") else {}
+        key = draw(st.sampled_from(sorted(obj) or ["x"]))
+        if field == "adaptkit.layers" and isinstance(obj.get(key), dict) and draw(st.booleans()):
+            obj[key][draw(st.sampled_from(sorted(obj[key]) + ["state"]))] = draw(JSON)
+        else:
+            obj[key] = draw(JSON)
+        value = json.dumps(obj)
+    return {**meta, field: value}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_malformed_metadata_fails_with_adaptkit_error_only(data):
+    """Whatever a metadata string holds, ak.load and the command line's reader raise nothing but
+    AdaptkitError, and a failed load leaves the model untouched."""
+    import contextlib
+    import io as _io
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from adaptkit.cli import main
+    m = _model(8, 8, 6)
+    fresh = copy.deepcopy(m)
+    ak.inject(m, ak.LoRA(rank=2, targets=r"0|2"))
+    with tempfile.TemporaryDirectory() as d:
+        f = os.path.join(d, "a.safetensors")
+        ak.save(m, f)
+        with safe_open(f, "pt") as g:
+            tensors, meta = {k: g.get_tensor(k) for k in g.keys()}, g.metadata()
+        save_file(tensors, f, metadata=data.draw(metadata_edits(meta)))
+        before = {k: v.clone() for k, v in fresh.state_dict().items()}
+        try:
+            ak.load(fresh, f)
+        except ak.AdaptkitError:
+            after = fresh.state_dict()
+            assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+            assert "_adaptkit" not in fresh.__dict__
+        with contextlib.redirect_stdout(_io.StringIO()), contextlib.redirect_stderr(_io.StringIO()):
+            assert main(["inspect", f]) in (0, 1)  # 1: a one-line AdaptkitError
