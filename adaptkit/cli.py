@@ -14,9 +14,10 @@ when unambiguous.
 
 ``convert`` works at file level (no model needed). adaptkit -> PEFT uses the file's layer
 table. PEFT -> adaptkit needs each adapted base's kind and weight shape, which PEFT does
-not store: they come from ``--base`` when given, otherwise from the adapter tensors (GPT-2
-Conv1D vs Linear from the config's ``fan_in_fan_out``; a LoKr conv with a low-rank w2 looks
-like a Linear, so give ``--base`` there). ``ak.load`` still checks every shape against the
+not store: they come from ``--base`` when given, otherwise from the adapter tensors as the
+method's PEFT form reads them (``PeftForm.infer_layer``: GPT-2 Conv1D vs Linear from LoRA's
+``fan_in_fan_out``; a LoKr conv with a low-rank w2 looks like a Linear, so give ``--base``
+there). ``ak.load`` still checks every shape against the
 model, so a wrong guess is an error there, never a silent mismatch. PEFT's target patterns
 are not re-resolved without a model: the file's layers are taken as they are.
 
@@ -36,7 +37,7 @@ from . import __version__
 from .errors import AdaptkitError
 from .io import read, write_safetensors
 from .layer import stand_in
-from .peft_compat import from_peft, group_keys, read_folder, spec_fields, to_peft, write_folder
+from .peft_compat import form, from_peft, group_keys, read_folder, spec_fields, to_peft, write_folder
 from .spec import AdapterSpec
 
 
@@ -70,30 +71,6 @@ def _find_prefix(paths: list[str], keys, prefix: str | None, where: str) -> str:
     return ok[0]
 
 
-def infer_layer(method: str, t: dict, fan_in_fan_out: bool, path: str) -> tuple[str, tuple]:
-    """(kind, weight shape) of a PEFT-adapted path from its tensors alone."""
-    if method == "lokr":  # out = a*b, in = c*d (* kernel); w2_a @ w2_b hides a conv kernel
-        try:
-            w1 = t["lokr_w1"].shape if "lokr_w1" in t else (t["lokr_w1_a"].shape[0], t["lokr_w1_b"].shape[1])
-            if "lokr_w2" in t:
-                b, d, *k = t["lokr_w2"].shape
-            elif "lokr_t2" in t:
-                b, d, k = t["lokr_w2_a"].shape[1], t["lokr_w2_b"].shape[1], list(t["lokr_t2"].shape[2:])
-            else:
-                b, d, k = t["lokr_w2_a"].shape[0], t["lokr_w2_b"].shape[1], []
-        except KeyError as e:
-            raise AdaptkitError(f"'{path}': LoKr tensor lokr_{e.args[0][5:]} missing; it has {sorted(t)}") from None
-        return ("conv" if k else "linear"), (w1[0] * b, w1[1] * d, *k)
-    if "lora_embedding_A" in t and "lora_embedding_B" in t:
-        return "embedding", (t["lora_embedding_A"].shape[1], t["lora_embedding_B"].shape[0])
-    a, b = t.get("lora_A.weight"), t.get("lora_B.weight")
-    if a is None or b is None:
-        raise AdaptkitError(f"'{path}': lora_A.weight / lora_B.weight missing; it has {sorted(t)}")
-    if a.dim() > 2:  # PEFT's grouped-conv B is (out, r / groups, 1..): shape checks refuse it
-        return "conv", (b.shape[0], *a.shape[1:])
-    return ("conv1d_t", (a.shape[1], b.shape[0])) if fan_in_fan_out else ("linear", (b.shape[0], a.shape[1]))
-
-
 _NAMES = {"linear": "Linear", "conv1d_t": "Conv1D", "embedding": "Embedding"}
 
 
@@ -106,11 +83,10 @@ def _load_adapter(src: str, base: dict | None = None, prefix: str | None = None)
         return read(src)
     cfg, tensors = read_folder(src)
     method = spec_fields(cfg)[0]
-    fan = bool(cfg.get("fan_in_fan_out"))
     pre = None if base is None else _find_prefix(list(group_keys(method, tensors)[0]), base, prefix, "base file")
 
     def layer_of(p, t):
-        kind, shape = infer_layer(method, t, fan, p)
+        kind, shape = form(method).infer_layer(t, cfg, p)  # the method's PEFT form reads its tensors
         if pre is not None:
             real = tuple(base[f"{pre}{p}.weight"].shape)
             if len(real) > 2:

@@ -33,6 +33,7 @@ dtype (deq(W) + delta summed in fp32), never a silently re-quantised one (PEFT's
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -45,7 +46,8 @@ from ..errors import AdaptkitError
 from ..layer import AdaptedLayer
 from ..nf4 import NF4State, dequantize_nf4, quantize_nf4
 from ..spec import register_method
-from .dora import DoRAAdapter
+from ..peft_config import PeftForm
+from .dora import DoRA, DoRAAdapter
 from .lora import LoRA, LoRAAdapter, check_rank, lora_scale
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -389,3 +391,19 @@ class QLoRA(LoRA):
         s = lora_scale(self.alpha_for(path), r, self.use_rslora)
         cls = DoRAAdapter if self.use_dora else LoRAAdapter
         return cls(_BuildView(layer), r, s, self.dropout, self.init)
+
+
+class QLoRAPeft(PeftForm):
+    """PEFT has no QLoRA type: its QLoRA is a LoraConfig (use_dora: QDoRA) on a base bitsandbytes
+    loads in 4 bit, so QLoRA writes the LoRA / DoRA folder it carries (same outputs in PEFT on
+    the base quantised alike, or on the dequantised weights). Reading gives ak.LoRA / ak.DoRA."""
+
+    peft_type = "LORA"
+    reads = staticmethod(lambda cfg: False)  # a config does not say its base is 4-bit
+
+    def written(self, spec: QLoRA) -> LoRA:
+        kw = {f.name: getattr(spec, f.name) for f in dataclasses.fields(LoRA)}
+        return (DoRA if spec.use_dora else LoRA)(**kw)
+
+
+QLoRA.peft_form = QLoRAPeft()  # PEFT interop (ak.peft_compat, the command line)
