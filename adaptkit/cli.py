@@ -4,6 +4,7 @@ model code.
     adaptkit inspect ADAPTER                      spec, layers, parameter count, size
     adaptkit merge BASE.safetensors ADAPTER -o OUT.safetensors [--prefix P]
     adaptkit convert SRC -o DST [--base BASE.safetensors] [--prefix P]
+    adaptkit convert SRC --to-lora (--rank R | --energy E) -o DST [--base BASE.safetensors]
 
 ADAPTER is an adaptkit ``.safetensors`` file or a PEFT adapter folder. ``merge`` works on
 state dicts: for every adapted path it rebuilds the adapter on a stand-in layer of the
@@ -21,6 +22,12 @@ there). ``ak.load`` still checks every shape against the
 model, so a wrong guess is an error there, never a silent mismatch. PEFT's target patterns
 are not re-resolved without a model: the file's layers are taken as they are.
 
+``convert --to-lora`` writes any adapter as a plain LoRA (PEFT folder, or adaptkit file for a
+``.safetensors`` output): per layer a stand-in of the recorded kind and shape, the adapter
+loaded onto it as ``ak.load`` does, and the truncated SVD of its update
+(:mod:`adaptkit.lora_convert`). Updates that depend on the base weights (DoRA, QDoRA, residual
+inits such as PiSSA or LoRA-MPO's) need ``--base``.
+
 Errors print one line, ``adaptkit: error: ...``, and exit with status 1 (2 for usage).
 """
 from __future__ import annotations
@@ -37,6 +44,7 @@ from . import __version__
 from .errors import AdaptkitError
 from .io import read, write_safetensors
 from .layer import stand_in
+from .lora_convert import file_to_lora
 from .peft_compat import form, from_peft, group_keys, read_folder, spec_fields, to_peft, write_folder
 from .spec import AdapterSpec
 
@@ -194,7 +202,42 @@ def cmd_merge(args) -> None:
     print(f"wrote {args.output}: {len(paths)} merged layers, {len(extras)} replaced tensors")
 
 
+def cmd_to_lora(args) -> None:
+    """``convert --to-lora``: the adapter as a plain LoRA (truncated SVD of each layer's update,
+    :mod:`adaptkit.lora_convert`), written as a PEFT folder, or as an adaptkit file when the
+    output ends in ``.safetensors``. ``--base`` gives the weights the update depends on (DoRA,
+    QDoRA, residual inits)."""
+    base = _read_base(args.base)[0] if args.base else None
+    tensors, meta = _load_adapter(args.src, base, args.prefix)
+    weight_of = None
+    if base is not None:
+        layers = json.loads(meta["adaptkit.layers"])
+        paths = [p for p, d in layers.items() if d["method"] == json.loads(meta["adaptkit.spec"])["method"]]
+        pre = _find_prefix(paths, base, args.prefix, f"'{args.base}'")
+        bad = [f"'{pre}{p}.weight' is {list(base[pre + p + '.weight'].shape)}, the adapter was made for "
+               f"{layers[p]['shape']}" for p in paths if list(base[pre + p + ".weight"].shape) != layers[p]["shape"]]
+        if bad:
+            raise AdaptkitError(f"'{args.base}' does not fit '{args.src}': {'; '.join(bad)}")
+        weight_of = lambda p: base[f"{pre}{p}.weight"]  # noqa: E731
+    out, new_meta, report = file_to_lora(tensors, meta, args.rank, args.energy, weight_of, f"'{args.src}'")
+    if args.output.endswith(".safetensors"):
+        write_safetensors(out, args.output, new_meta)
+        what = f"adaptkit file {args.output}"
+    else:
+        write_folder(args.output, *to_peft(out, new_meta))
+        what = f"PEFT folder {args.output}"
+    for p, e in report.errors.items():
+        print(f"{p or '<root>':48.48s} rank {report.ranks[p]:5d}  relative error {e:.3e}")
+    src = json.loads(meta["adaptkit.spec"])["method"]
+    print(f"wrote {what}: {json.loads(new_meta['adaptkit.spec'])['method']} from {src}, {len(report.errors)} "
+          f"layers, max relative error {max(report.errors.values()):.3e}")
+
+
 def cmd_convert(args) -> None:
+    if args.to_lora:
+        return cmd_to_lora(args)
+    if args.rank is not None or args.energy is not None:
+        raise AdaptkitError("--rank / --energy choose the LoRA rank of --to-lora; add --to-lora")
     if os.path.isdir(args.src):  # PEFT folder -> adaptkit file
         base = _read_base(args.base)[0] if args.base else None
         tensors, meta = _load_adapter(args.src, base, args.prefix)
@@ -229,6 +272,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="adaptkit file or PEFT folder to write")
     p.add_argument("--base", help="base weights (.safetensors) giving PEFT layers' kinds and shapes")
     p.add_argument("--prefix", help="key prefix of --base (e.g. 'model.')")
+    p.add_argument("--to-lora", action="store_true", help="write the adapter as a plain LoRA (truncated "
+                   "SVD of each layer's update): a PEFT folder, or an adaptkit file if -o ends in .safetensors")
+    p.add_argument("--rank", type=int, help="--to-lora: the LoRA rank (capped per layer at min(out, in))")
+    p.add_argument("--energy", type=float, help="--to-lora: per-layer ranks keeping this share of the "
+                   "squared singular values (0 < E <= 1), instead of --rank")
     p.set_defaults(fn=cmd_convert)
     return ap
 
