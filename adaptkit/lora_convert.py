@@ -114,11 +114,15 @@ def _exact(m: int, n: int, q: int) -> bool:
 
 
 def low_rank(d: torch.Tensor, rank: int | None = None, energy: float | None = None,
-             dtype: torch.dtype = torch.float32, measure: bool = True) -> tuple[torch.Tensor, torch.Tensor, float]:
+             dtype: torch.dtype = torch.float32, measure: bool = True,
+             where: str = "") -> tuple[torch.Tensor, torch.Tensor, float]:
     """(B (m, k), A (k, n), relative error) for a fp32 (m, n) update ``d``: the truncated SVD
     at ``rank`` (capped at min(m, n)) or at the smallest rank holding ``energy``. B and A are
     in ``dtype``; the error is measured with them (NaN unless ``measure``)."""
     d = d.float()
+    if not torch.isfinite(d).all():
+        raise AdaptkitError(f"to_lora: the update{where} has NaN/inf entries; nothing was converted. "
+                            f"Check the adapter weights")
     m, n = d.shape
     full = min(m, n)
     total = float(d.pow(2).sum(dtype=torch.float64))
@@ -217,7 +221,8 @@ def to_lora(model: nn.Module, name: str, rank: int | None = None, energy: float 
     factors = {}
     with torch.no_grad():
         for p, layer in layers:
-            B, A, _ = low_rank(layer.to_2d(effective_delta(layer, name)), rank, energy, measure=False)
+            B, A, _ = low_rank(layer.to_2d(effective_delta(layer, name)), rank, energy, measure=False,
+                               where=f" at '{p}'")
             factors[p] = (B, A)
     if layers and _rewrites_base(src, {p: table[p] for p, _ in layers}):
         warnings.warn(f"to_lora: adapter {name!r} ({src.method}) rewrote W when attached (a residual "
@@ -301,7 +306,7 @@ def file_to_lora(tensors: dict, meta: dict, rank: int | None = None, energy: flo
             delta = a.merge_weight(layer, layer.dense_weight()) - w0 if needs_base else a.delta_weight(layer)
             # the file's dtype: B and A are written in it
             dt = next((tensors[q].dtype for q in keys.values() if tensors[q].is_floating_point()), torch.float32)
-            B, A, errors[p] = low_rank(layer.to_2d(delta.float()), rank, energy, dt)
+            B, A, errors[p] = low_rank(layer.to_2d(delta.float()), rank, energy, dt, where=f" at '{p}'")
         factors[p] = (B, A)
         own.update(keys.values())
     extras = {q: t for q, t in tensors.items() if q not in own}
