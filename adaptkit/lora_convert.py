@@ -13,10 +13,11 @@ layer (``energy``): the smallest k with Σ_{i<k} S_i² >= energy · Σ S_i² (wi
 fp32 rounding), recorded in the new spec's ``rank_pattern``. The report gives per layer
 ||ΔW - B A||_F / ||ΔW||_F, with A and B rounded to the dtype the adapter holds.
 
-Small layers use the exact ``torch.linalg.svd``; large ones (>= 2^20 entries, rank + 10 at
-most a quarter of min(out, in_flat)) a seeded randomised SVD (Halko, Martinsson, Tropp 2011,
-arXiv 0909.4061: Gaussian sketch with 10 extra columns, 4 power iterations re-orthonormalised
-by QR), which is exact on an update of rank <= the sketch. For ``energy`` the sketch doubles
+Small layers use the exact ``torch.linalg.svd`` (in fp64: fp32 LAPACK would leave ~1e-6 on
+an exactly low-rank update, fp64 ~1e-7); large ones (>= 2^20 entries, rank + 10 at most a
+quarter of min(out, in_flat)) a seeded randomised SVD (Halko, Martinsson, Tropp 2011, arXiv
+0909.4061: fp32 Gaussian sketch with 10 extra columns, 4 power iterations re-orthonormalised
+by QR, the small projected SVD in fp64), which is exact on an update of rank <= the sketch. For ``energy`` the sketch doubles
 until it holds the asked energy of the exact ||ΔW||_F², then falls back to the exact SVD.
 
 NF4 bases: the result of a QLoRA / QDoRA adapter is a QLoRA adapter with the same NF4 settings
@@ -105,8 +106,10 @@ def _rsvd(d: torch.Tensor, q: int, gen: torch.Generator):
     Q = torch.linalg.qr(d @ torch.randn(d.shape[1], q, generator=gen, device=d.device)).Q  # (m, q)
     for _ in range(_POWER_ITERS):  # power iterations sharpen a slowly decaying spectrum
         Q = torch.linalg.qr(d @ torch.linalg.qr(d.t() @ Q).Q).Q
-    Ub, S, Vh = torch.linalg.svd(Q.t() @ d, full_matrices=False)  # (q, n) is small
-    return Q @ Ub, S, Vh
+    # the small (q, n) projection and its SVD in fp64: an update of rank <= q comes back to
+    # ~1e-7 (fp32 LAPACK alone leaves ~1e-6)
+    Ub, S, Vh = torch.linalg.svd(Q.double().t() @ d.double(), full_matrices=False)
+    return Q.double() @ Ub, S, Vh
 
 
 def _exact(m: int, n: int, q: int) -> bool:
@@ -129,13 +132,14 @@ def low_rank(d: torch.Tensor, rank: int | None = None, energy: float | None = No
     gen = torch.Generator(device=d.device).manual_seed(0)
     if rank is not None:
         k = min(rank, full)
-        U, S, Vh = torch.linalg.svd(d, full_matrices=False) if _exact(m, n, k) else \
+        U, S, Vh = torch.linalg.svd(d.double(), full_matrices=False) if _exact(m, n, k) else \
             _rsvd(d, k + _OVERSAMPLE, gen)
     else:
         q = 32
         while True:
             exact = _exact(m, n, q)
-            U, S, Vh = torch.linalg.svd(d, full_matrices=False) if exact else _rsvd(d, q + _OVERSAMPLE, gen)
+            U, S, Vh = torch.linalg.svd(d.double(), full_matrices=False) if exact else \
+                _rsvd(d, q + _OVERSAMPLE, gen)
             s2 = S.double().pow(2)
             ref = float(s2.sum()) if exact else total  # the sketch's own sum can't reach ||d||^2
             cum = torch.cumsum(s2, 0) / ref if ref > 0 else torch.ones_like(s2)

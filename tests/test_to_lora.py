@@ -132,7 +132,7 @@ def test_low_rank_randomised_route_matches_the_exact_one():
     torch.manual_seed(0)
     u, v = torch.randn(1024, 12), torch.randn(12, 1536)
     B, A, err = low_rank(u @ v, rank=16)
-    assert A.shape == (16, 1536) and err < 1e-5
+    assert A.shape == (16, 1536) and err < 1e-6
     d = torch.randn(1024, 1536) @ torch.diag(torch.logspace(0, -3, 1536)) @ torch.linalg.qr(torch.randn(1536, 1536)).Q
     B, A, err = low_rank(d, rank=16)
     assert err == pytest.approx(_svd_error(d, 16), rel=1e-2)
