@@ -74,7 +74,7 @@ def peft_targets(cfg: dict, modules: dict[str, nn.Module]) -> list[str]:
     tm, ex, saved = cfg.get("target_modules"), cfg.get("exclude_modules"), saved_names(cfg)
     if tm is None:
         raise err("target_modules is None (PEFT picks a per-model-type default); write the "
-                   "module names into adapter_config.json")
+                  "module names into adapter_config.json")
     if isinstance(tm, str) and tm.lower() == "all-linear":  # PEFT skips a PreTrainedModel's head
         root = modules[""]
         head = root.get_output_embeddings() if any(
@@ -103,9 +103,8 @@ def saved_paths(names: list[str], candidates) -> list[str]:
     nested = [p for p in hits if any(p.startswith(q + ".") for q in hits)]
     if nested:
         raise err(f"modules_to_save={names} matches nested modules {nested}; PEFT wraps both, "
-                   f"which adaptkit cannot express. Name only the outer module")
+                  f"which adaptkit cannot express. Name only the outer module")
     return hits
-
 
 
 # ---- what each method declares ------------------------------------------------------------
@@ -162,7 +161,7 @@ class PeftForm:
         """(base kind, weight shape) of a PEFT-adapted path from its tensors (keys without
         the path) and the config alone: what the command line uses without a base file."""
         raise err(f"'{path}': the {self.peft_type} tensors do not tell the base's shape; "
-                   f"give the base weights (--base)")
+                  f"give the base weights (--base)")
 
     @staticmethod
     def alpha0(spec: AdapterSpec):
@@ -187,17 +186,17 @@ def read_form(cfg: dict) -> tuple[str, PeftForm]:
     hits = [(m, f) for m, f in known.items() if f.peft_type == pt and f.reads(cfg)]
     if len(hits) != 1:
         types = sorted({f.peft_type for f in known.values()})
-        raise err(f"peft_type={pt!r} is not supported; adaptkit reads {', '.join(types)} "
-                   f"({', '.join(sorted(known))})" if not hits else
-                   f"peft_type={pt!r} is claimed by methods {[m for m, _ in hits]}; fix their reads()")
+        raise err(f"peft_type={pt!r} is not supported; adaptkit reads {', '.join(types)}" if not hits else
+                  f"peft_type={pt!r} is claimed by methods {[m for m, _ in hits]}; fix their reads()")
     return hits[0]
 
 
 def write_form(spec: AdapterSpec) -> PeftForm:
+    """The form ``spec``'s method declares; an error naming the methods that have one."""
     form = form_of(spec)
     if form is None:
         raise err(f"method {spec.method!r} has no PEFT form; PEFT interop covers "
-                   f"{', '.join(sorted(forms()))}")
+                  f"{', '.join(sorted(forms()))}")
     return form
 
 
@@ -210,7 +209,7 @@ def spec_fields(cfg: dict) -> tuple[str, dict]:
            and v not in (None, False, {}, [], "")}
     if bad:
         raise err(f"PEFT option(s) {bad} change the adapter and have no adaptkit equivalent; "
-                   f"use this adapter with PEFT (or merge it there)")
+                  f"use this adapter with PEFT (or merge it there)")
     if cfg.get("ensure_weight_tying") and saved_names(cfg):
         raise err("ensure_weight_tying=True ties modules_to_save copies, which adaptkit does not")
     return method, form.spec_kwargs(cfg)
