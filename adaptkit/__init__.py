@@ -21,8 +21,9 @@ from .methods import LoRAMPO
 from .methods import MoRA, MoRALinear
 from .methods import QLoRA
 from . import nf4  # ak.nf4: NF4 kernels, quantize / save / load a model
+from .lora_convert import to_lora  # any adapter -> a plain LoRA (truncated SVD)
 
 __all__ = [
     "AdaptkitError", "DoRA", "GeoLoRA", "GeoLoRAOptimizer", "LoKr", "LoRA", "LoRAMPO", "MoRA", "MoRALinear", "QLoRA", "combine", "delete", "disabled", "inject", "load", "merge", "param_groups",
-    "save", "set_active", "summary",
+    "save", "set_active", "summary", "to_lora",
 ]

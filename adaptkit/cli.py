@@ -4,6 +4,7 @@ model code.
     adaptkit inspect ADAPTER                      spec, layers, parameter count, size
     adaptkit merge BASE.safetensors ADAPTER -o OUT.safetensors [--prefix P]
     adaptkit convert SRC -o DST [--base BASE.safetensors] [--prefix P]
+    adaptkit convert SRC --to-lora (--rank R | --energy E) -o DST [--base BASE.safetensors]
 
 ADAPTER is an adaptkit ``.safetensors`` file or a PEFT adapter folder. ``merge`` works on
 state dicts: for every adapted path it rebuilds the adapter on a stand-in layer of the
@@ -14,11 +15,18 @@ when unambiguous.
 
 ``convert`` works at file level (no model needed). adaptkit -> PEFT uses the file's layer
 table. PEFT -> adaptkit needs each adapted base's kind and weight shape, which PEFT does
-not store: they come from ``--base`` when given, otherwise from the adapter tensors (GPT-2
-Conv1D vs Linear from the config's ``fan_in_fan_out``; a LoKr conv with a low-rank w2 looks
-like a Linear, so give ``--base`` there). ``ak.load`` still checks every shape against the
+not store: they come from ``--base`` when given, otherwise from the adapter tensors as the
+method's PEFT form reads them (``PeftForm.infer_layer``: GPT-2 Conv1D vs Linear from LoRA's
+``fan_in_fan_out``; a LoKr conv with a low-rank w2 looks like a Linear, so give ``--base``
+there). ``ak.load`` still checks every shape against the
 model, so a wrong guess is an error there, never a silent mismatch. PEFT's target patterns
 are not re-resolved without a model: the file's layers are taken as they are.
+
+``convert --to-lora`` writes any adapter as a plain LoRA (PEFT folder, or adaptkit file for a
+``.safetensors`` output): per layer a stand-in of the recorded kind and shape, the adapter
+loaded onto it as ``ak.load`` does, and the truncated SVD of its update
+(:mod:`adaptkit.lora_convert`). Updates that depend on the base weights (DoRA, QDoRA, residual
+inits such as PiSSA or LoRA-MPO's) need ``--base``.
 
 Errors print one line, ``adaptkit: error: ...``, and exit with status 1 (2 for usage).
 """
@@ -37,7 +45,8 @@ from . import __version__
 from .errors import AdaptkitError
 from .io import read, write_safetensors
 from .layer import stand_in
-from .peft_compat import from_peft, group_keys, read_folder, spec_fields, to_peft, write_folder
+from .lora_convert import file_to_lora
+from .peft_compat import form, from_peft, group_keys, read_folder, spec_fields, to_peft, write_folder
 from .spec import AdapterSpec
 
 
@@ -71,30 +80,6 @@ def _find_prefix(paths: list[str], keys, prefix: str | None, where: str) -> str:
     return ok[0]
 
 
-def infer_layer(method: str, t: dict, fan_in_fan_out: bool, path: str) -> tuple[str, tuple]:
-    """(kind, weight shape) of a PEFT-adapted path from its tensors alone."""
-    if method == "lokr":  # out = a*b, in = c*d (* kernel); w2_a @ w2_b hides a conv kernel
-        try:
-            w1 = t["lokr_w1"].shape if "lokr_w1" in t else (t["lokr_w1_a"].shape[0], t["lokr_w1_b"].shape[1])
-            if "lokr_w2" in t:
-                b, d, *k = t["lokr_w2"].shape
-            elif "lokr_t2" in t:
-                b, d, k = t["lokr_w2_a"].shape[1], t["lokr_w2_b"].shape[1], list(t["lokr_t2"].shape[2:])
-            else:
-                b, d, k = t["lokr_w2_a"].shape[0], t["lokr_w2_b"].shape[1], []
-        except KeyError as e:
-            raise AdaptkitError(f"'{path}': LoKr tensor lokr_{e.args[0][5:]} missing; it has {sorted(t)}") from None
-        return ("conv" if k else "linear"), (w1[0] * b, w1[1] * d, *k)
-    if "lora_embedding_A" in t and "lora_embedding_B" in t:
-        return "embedding", (t["lora_embedding_A"].shape[1], t["lora_embedding_B"].shape[0])
-    a, b = t.get("lora_A.weight"), t.get("lora_B.weight")
-    if a is None or b is None:
-        raise AdaptkitError(f"'{path}': lora_A.weight / lora_B.weight missing; it has {sorted(t)}")
-    if a.dim() > 2:  # PEFT's grouped-conv B is (out, r / groups, 1..): shape checks refuse it
-        return "conv", (b.shape[0], *a.shape[1:])
-    return ("conv1d_t", (a.shape[1], b.shape[0])) if fan_in_fan_out else ("linear", (b.shape[0], a.shape[1]))
-
-
 _NAMES = {"linear": "Linear", "conv1d_t": "Conv1D", "embedding": "Embedding"}
 
 
@@ -107,11 +92,10 @@ def _load_adapter(src: str, base: dict | None = None, prefix: str | None = None)
         return read(src)
     cfg, tensors = read_folder(src)
     method = spec_fields(cfg)[0]
-    fan = bool(cfg.get("fan_in_fan_out"))
     pre = None if base is None else _find_prefix(list(group_keys(method, tensors)[0]), base, prefix, "base file")
 
     def layer_of(p, t):
-        kind, shape = infer_layer(method, t, fan, p)
+        kind, shape = form(method).infer_layer(t, cfg, p)  # the method's PEFT form reads its tensors
         if pre is not None:
             real = tuple(base[f"{pre}{p}.weight"].shape)
             if len(real) > 2:
@@ -236,7 +220,42 @@ def cmd_merge(args) -> None:
     print(f"wrote {args.output}: {len(paths)} merged layers, {len(extras)} replaced tensors")
 
 
+def cmd_to_lora(args) -> None:
+    """``convert --to-lora``: the adapter as a plain LoRA (truncated SVD of each layer's update,
+    :mod:`adaptkit.lora_convert`), written as a PEFT folder, or as an adaptkit file when the
+    output ends in ``.safetensors``. ``--base`` gives the weights the update depends on (DoRA,
+    QDoRA, residual inits)."""
+    base = _read_base(args.base)[0] if args.base else None
+    tensors, meta = _load_adapter(args.src, base, args.prefix)
+    weight_of = None
+    if base is not None:
+        layers = json.loads(meta["adaptkit.layers"])
+        paths = [p for p, d in layers.items() if d["method"] == json.loads(meta["adaptkit.spec"])["method"]]
+        pre = _find_prefix(paths, base, args.prefix, f"'{args.base}'")
+        bad = [f"'{pre}{p}.weight' is {list(base[pre + p + '.weight'].shape)}, the adapter was made for "
+               f"{layers[p]['shape']}" for p in paths if list(base[pre + p + ".weight"].shape) != layers[p]["shape"]]
+        if bad:
+            raise AdaptkitError(f"'{args.base}' does not fit '{args.src}': {'; '.join(bad)}")
+        weight_of = lambda p: base[f"{pre}{p}.weight"]  # noqa: E731
+    out, new_meta, report = file_to_lora(tensors, meta, args.rank, args.energy, weight_of, f"'{args.src}'")
+    if args.output.endswith(".safetensors"):
+        write_safetensors(out, args.output, new_meta)
+        what = f"adaptkit file {args.output}"
+    else:
+        write_folder(args.output, *to_peft(out, new_meta))
+        what = f"PEFT folder {args.output}"
+    for p, e in report.errors.items():
+        print(f"{p or '<root>':48.48s} rank {report.ranks[p]:5d}  relative error {e:.3e}")
+    src = json.loads(meta["adaptkit.spec"])["method"]
+    print(f"wrote {what}: {json.loads(new_meta['adaptkit.spec'])['method']} from {src}, {len(report.errors)} "
+          f"layers, max relative error {max(report.errors.values()):.3e}")
+
+
 def cmd_convert(args) -> None:
+    if args.to_lora:
+        return cmd_to_lora(args)
+    if args.rank is not None or args.energy is not None:
+        raise AdaptkitError("--rank / --energy choose the LoRA rank of --to-lora; add --to-lora")
     if os.path.isdir(args.src):  # PEFT folder -> adaptkit file
         base = _read_base(args.base)[0] if args.base else None
         tensors, meta = _load_adapter(args.src, base, args.prefix)
@@ -271,6 +290,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="adaptkit file or PEFT folder to write")
     p.add_argument("--base", help="base weights (.safetensors) giving PEFT layers' kinds and shapes")
     p.add_argument("--prefix", help="key prefix of --base (e.g. 'model.')")
+    p.add_argument("--to-lora", action="store_true", help="write the adapter as a plain LoRA (truncated "
+                   "SVD of each layer's update): a PEFT folder, or an adaptkit file if -o ends in .safetensors")
+    p.add_argument("--rank", type=int, help="--to-lora: the LoRA rank (capped per layer at min(out, in))")
+    p.add_argument("--energy", type=float, help="--to-lora: per-layer ranks keeping this share of the "
+                   "squared singular values (0 < E <= 1), instead of --rank")
     p.set_defaults(fn=cmd_convert)
     return ap
 

@@ -5,15 +5,14 @@ PEFT 0.21.2) without importing peft:
     ak.peft_compat.write_peft(model, "peft_dir", name="default")          # alias save_peft
 
 Keys (under ``base_model.model.``) <-> adaptkit parameters of adapted path p, the same data:
-    LoRA  p.lora_A.weight (r, in[, *k]) <-> p.lora_A (r, in*prod(k)); p.lora_B.weight
-          (out, r[, 1..]) <-> p.lora_B (out, r); p.lora_embedding_A (r, V) / _B (d, r) <-> same
-    DoRA  + p.lora_magnitude_vector (out,) [conv (1, out, 1..)] <-> p.lora_magnitude (out,)
-    LoKr  p.lokr_w1 | lokr_w1_a, _b; lokr_w2 | lokr_w2_a, _b [, lokr_t2]: the same names
-    other m.<param> (modules_to_save); p.base_layer.bias <-> p.bias (bias "lora_only"/"all")
-Config semantics (PEFT's matching rules, options) live in :mod:`adaptkit.peft_config`. What
-PEFT computes that adaptkit cannot reproduce exactly is an AdaptkitError naming it. Reading
-checks every key and shape, then injects through ``ak.io.load_tensors``: on error the model
-is untouched.
+    adapter  p.<PEFT name> <-> p.<adaptkit name>, renamed and reshaped as the method's PEFT
+             form declares (``PeftForm.layout`` in its file: LoRA / DoRA in methods/lora.py,
+             LoKr in methods/lokr.py; QLoRA writes a LoRA / DoRA folder)
+    other    m.<param> (modules_to_save); p.base_layer.bias <-> p.bias (bias "lora_only"/"all")
+Config semantics (PEFT's matching rules, the generic :class:`~adaptkit.peft_config.PeftForm`)
+live in :mod:`adaptkit.peft_config`. What PEFT computes that adaptkit cannot reproduce exactly
+is an AdaptkitError naming it. Reading checks every key and shape, then injects through
+``ak.io.load_tensors``: on error the model is untouched.
 """
 from __future__ import annotations
 
@@ -28,7 +27,8 @@ from .errors import AdaptkitError
 from .inject import state
 from .io import FORMAT, _version, adapter_tensors, atomic_write, load_tensors, write_safetensors
 from .layer import AdaptedLayer, base_kind, stand_in
-from .peft_config import pattern_value, peft_config, peft_targets, saved_names, saved_paths, spec_fields
+from .peft_config import (PeftForm, form_of, forms, pattern_value, peft_config, peft_targets, saved_names,
+                          saved_paths, spec_fields)
 from .spec import METHODS, AdapterSpec
 from .targets import matches
 
@@ -53,36 +53,18 @@ def base_modules(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
+def form(method: str) -> PeftForm:
+    """The PEFT form method ``method`` declares (its file, see peft_config.PeftForm)."""
+    f = form_of(METHODS[method]) if method in METHODS else None
+    if f is None:
+        raise _err(f"method {method!r} has no PEFT form; PEFT interop covers {', '.join(sorted(forms()))}")
+    return f
+
+
 def check_layer(method: str, kind: str, shape, path: str, m: nn.Module | None = None) -> None:
-    """Refuse what PEFT computes differently: LoKr on GPT-2 Conv1D / Conv3d (not in PEFT) or
-    Conv1d (PEFT's ``kron(w1 (a, c), w2 (b, d, k))`` puts no kernel axis on w1); given the
-    module: LoRA on grouped / dilated convs (PEFT's A-conv keeps only stride and padding),
-    convs not zero-padded, embeddings with ``max_norm`` / ``embed_scale``."""
-    if method == "lokr" and not (kind == "linear" or kind == "conv" and len(shape) == 4):
-        raise _err(f"'{path}': PEFT's LoKr on a {kind} base with weight {list(shape)} differs from "
-                   f"adaptkit's (PEFT: Linear and Conv2d only; its Conv1d kron differs); exclude it")
-    if m is not None and kind == "conv" and (m.padding_mode != "zeros" or method != "lokr" and (
-            m.groups != 1 or any(d != 1 for d in m.dilation))):
-        raise _err(f"'{path}': PEFT's {method} on a conv with groups={m.groups}, dilation={m.dilation}, "
-                   f"padding_mode={m.padding_mode!r} computes another update (its conv is "
-                   f"ungrouped, undilated, zero-padded); exclude this layer")
-    if m is not None and kind == "embedding" and (m.max_norm is not None or hasattr(m, "embed_scale")):
-        raise _err(f"'{path}': PEFT's embedding LoRA applies max_norm / embed_scale, adaptkit's "
-                   f"does not; exclude this layer")
-
-
-def _peft_layout(method: str, kind: str, wshape, k: str, shape) -> tuple[str, tuple]:
-    """(PEFT key suffix, PEFT shape) of adaptkit parameter ``k`` (same data, reshaped)."""
-    if method == "lokr":
-        return k, tuple(shape)
-    ones = (1,) * (len(wshape) - 2) if kind == "conv" else ()
-    if k == "lora_magnitude":
-        return "lora_magnitude_vector", (1, *shape, *ones) if ones else tuple(shape)  # (1, out, 1..)
-    if kind == "embedding":
-        return k.replace("lora_", "lora_embedding_"), tuple(shape)
-    if kind == "conv" and k == "lora_A":
-        return "lora_A.weight", (shape[0], *wshape[1:])  # (r, in*prod(k)) -> (r, in, *k)
-    return f"{k}.weight", (*shape, *ones)  # conv B: (out, r) -> (out, r, 1, ..)
+    """Refuse a layer on which PEFT computes another update than ``method`` does (given the
+    module ``m``: also from its geometry); each method's form says which."""
+    form(method).check_layer(kind, shape, path, m)
 
 
 # ---- file level: PEFT (config, tensors) <-> adaptkit (tensors, metadata) -----------------
@@ -91,7 +73,7 @@ def group_keys(method: str, tensors: dict, where: str = "PEFT adapter") -> tuple
     bad = [k for k in tensors if not k.startswith(PREFIX)]
     if bad:
         raise _err(f"{where}: keys {bad[:5]} lack the '{PREFIX}' prefix; not a PEFT adapter file")
-    groups, rest, pre = {}, {}, "lokr_" if method == "lokr" else "lora_"
+    groups, rest, pre = {}, {}, form(method).prefix
     for key, t in tensors.items():
         segs = key[len(PREFIX):].split(".")
         i = next((i for i, s in enumerate(segs) if s.startswith(pre)), None)
@@ -108,6 +90,7 @@ def from_peft(cfg: dict, tensors: dict, layer_of, saved=None, where: str = "PEFT
     ``layer_of(path, peft_tensors) -> (kind, weight shape, base class name)``; ``saved``: the
     modules_to_save paths (default: key prefixes ending with an item); ``order``: module names."""
     method, kw = spec_fields(cfg)
+    fm = form(method)
     groups, rest = group_keys(method, tensors, where)
     pos = {n: i for i, n in enumerate(order)}
     paths = sorted(groups, key=lambda p: pos.get(p, len(pos)))
@@ -141,7 +124,7 @@ def from_peft(cfg: dict, tensors: dict, layer_of, saved=None, where: str = "PEFT
         got = groups[p]
         try:
             kind, shape, base = layer_of(p, got)
-            check_layer(method, kind, shape, p)
+            fm.check_layer(kind, shape, p)
             if not spec.supports(kind):
                 raise _err(f"{type(spec).__name__} cannot adapt '{p}' ({base}): PEFT's form has no "
                            f"adaptkit counterpart")
@@ -149,7 +132,7 @@ def from_peft(cfg: dict, tensors: dict, layer_of, saved=None, where: str = "PEFT
         except AdaptkitError as e:
             problems.append(str(e).removeprefix("peft_compat: "))
             continue
-        want = {_peft_layout(method, kind, shape, k, v.shape): (k, v.shape) for k, v in a.state_dict().items()}
+        want = {fm.layout(kind, shape, k, v.shape): (k, v.shape) for k, v in a.state_dict().items()}
         miss = sorted(pk for pk, _ in want if pk not in got)
         extra = sorted(set(got) - {pk for pk, _ in want})
         if miss:
@@ -175,12 +158,14 @@ def to_peft(tensors: dict, meta: dict, names: list[str] | None = None) -> tuple[
     """adaptkit tensors + metadata -> (PEFT config, PEFT tensors). ``names`` (the base model's
     module names) lets modules_to_save be checked against PEFT's suffix matching."""
     spec = AdapterSpec.from_dict(json.loads(meta["adaptkit.spec"]))
-    if spec.method not in ("lora", "dora", "lokr"):
-        raise _err(f"method {spec.method!r} has no PEFT form; PEFT interop covers lora, dora, lokr")
     layers = {p: d for p, d in json.loads(meta["adaptkit.layers"]).items() if d.get("method") == spec.method}
+    src = form(spec.method)
+    spec = src.written(spec)  # QLoRA: the LoRA / DoRA it carries
+    fm = form(spec.method)
     out, used, problems = {}, set(), []
     for p, d in layers.items():
-        check_layer(spec.method, d["kind"], d["shape"], p)
+        for f in (src, fm) if fm is not src else (fm,):
+            f.check_layer(d["kind"], d["shape"], p)
         if d.get("state"):
             problems.append(f"'{p}' carries per-layer state {d['state']} PEFT cannot store")
             continue
@@ -190,7 +175,7 @@ def to_peft(tensors: dict, meta: dict, names: list[str] | None = None) -> tuple[
             if t is None or t.shape != v.shape:
                 problems.append(f"'{p}.{k}': {None if t is None else list(t.shape)} vs spec {list(v.shape)}")
                 continue
-            pk, ps = _peft_layout(spec.method, d["kind"], d["shape"], k, v.shape)
+            pk, ps = fm.layout(d["kind"], d["shape"], k, v.shape)
             out[f"{PREFIX}{p}.{pk}"] = t.reshape(ps)  # adaptkit layout -> PEFT's
     if problems:
         raise _err("the adapter's tensors do not fit its spec: " + "; ".join(problems))

@@ -10,6 +10,11 @@ first key wins; ``modules_to_save`` items match by ``name.endswith(item)``, and 
 adapts a module matching ``(^|.*\.)item($|\..*)``. adaptkit has one rule (fullmatch), so
 reading resolves PEFT's on the model into escaped full paths, and writing emits patterns that
 select exactly the adapted paths.
+
+What is method-specific (peft_type, config fields both ways, tensor names and layouts, the
+layers PEFT computes differently) is declared by each method as a :class:`PeftForm` in its
+own file (methods/lora.py, dora.py, lokr.py, qlora_nf4.py); this module is generic over the
+method registry.
 """
 from __future__ import annotations
 
@@ -19,34 +24,23 @@ import torch.nn as nn
 
 from .errors import AdaptkitError
 from .layer import base_kind
-from .spec import AdapterSpec
+from .spec import METHODS, AdapterSpec
 
 _COMMON = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
            "revision", "inference_mode", "r", "target_modules", "exclude_modules",
            "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "modules_to_save"}
-# LoRA options acting only at init time, on other hardware, or per base type (PEFT forces
-# fan_in_fan_out from the layer class): the stored weights mean the same whatever they say
-_LORA_KEYS = _COMMON | {"lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights", "use_dora",
-                        "bias", "runtime_config", "megatron_core", "fan_in_fan_out", "qalora_group_size",
-                        "eva_config", "corda_config", "lora_ga_config", "ensure_weight_tying"}
-_LOKR_OPTS = ("rank_dropout", "module_dropout", "use_effective_conv2d", "decompose_both",
-              "decompose_factor", "rank_dropout_scale")
-_LOKR_KEYS = _COMMON | {"alpha", "init_weights", *_LOKR_OPTS}
-# weights come from the file; pissa / olora re-run on load in PEFT as in adaptkit
-# (W <- W - s B0 A0 from the same SVD / QR), so they stay exact
-_LORA_INITS = {True: "default", False: "default", "gaussian": "gaussian", "eva": "default",
-               "orthogonal": "default", "pissa": "pissa", "olora": "olora"}
-_BIAS = {"none": "none", "all": "all", "lora_only": "adapter_only"}
 _TASK_SAVED = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],
                "QUESTION_ANS": ["qa_outputs"]}  # PeftModelFor<Task> adds these on load
 
 
-def _err(msg: str) -> AdaptkitError:
+def err(msg: str) -> AdaptkitError:
+    """An AdaptkitError prefixed with where PEFT interop failed."""
     return AdaptkitError(f"peft_compat: {msg}")
 
 
-def _num(v):
-    return int(v) if float(v).is_integer() else float(v)  # JSON-tidy alphas
+def num(v):
+    """A JSON-tidy number: 8 rather than 8.0 (alphas)."""
+    return int(v) if float(v).is_integer() else float(v)
 
 
 # ---- PEFT's name-matching rules (peft/tuners/tuners_utils.py, peft/utils/other.py) --------
@@ -79,8 +73,8 @@ def peft_targets(cfg: dict, modules: dict[str, nn.Module]) -> list[str]:
     """The module names PEFT adapts for ``cfg`` (``check_target_module_exists``)."""
     tm, ex, saved = cfg.get("target_modules"), cfg.get("exclude_modules"), saved_names(cfg)
     if tm is None:
-        raise _err("target_modules is None (PEFT picks a per-model-type default); write the "
-                   "module names into adapter_config.json")
+        raise err("target_modules is None (PEFT picks a per-model-type default); write the "
+                  "module names into adapter_config.json")
     if isinstance(tm, str) and tm.lower() == "all-linear":  # PEFT skips a PreTrainedModel's head
         root = modules[""]
         head = root.get_output_embeddings() if any(
@@ -108,72 +102,134 @@ def saved_paths(names: list[str], candidates) -> list[str]:
     hits = [p for p in candidates if p and p.endswith(tuple(names))]
     nested = [p for p in hits if any(p.startswith(q + ".") for q in hits)]
     if nested:
-        raise _err(f"modules_to_save={names} matches nested modules {nested}; PEFT wraps both, "
-                   f"which adaptkit cannot express. Name only the outer module")
+        raise err(f"modules_to_save={names} matches nested modules {nested}; PEFT wraps both, "
+                  f"which adaptkit cannot express. Name only the outer module")
     return hits
+
+
+# ---- what each method declares ------------------------------------------------------------
+class PeftForm:
+    """How one adaptkit method maps to a PEFT adapter type. A method that PEFT can express
+    declares a subclass in its own file and sets it on its spec class (``LoRA.peft_form =
+    LoRAPeft()``); ``ak.peft_compat`` and the command line only go through this interface,
+    over the method registry. The declaration is not inherited: a spec subclass (DoRA,
+    QLoRA) is another method and declares its own form, or has none.
+
+    peft_type  PEFT's ``peft_type`` ("LORA", "LOKR").
+    prefix     how PEFT's adapter tensor names start after the module path ("lora_"), which
+               tells them from ``modules_to_save`` copies and biases.
+    options    the PEFT config keys beyond the shared ones (``r``, targets, patterns,
+               modules_to_save) that this form understands; any other key with a
+               non-empty value is refused, as it would change the adapter silently.
+    """
+
+    peft_type: str = ""
+    prefix: str = ""
+    options: frozenset = frozenset()
+
+    def reads(self, cfg: dict) -> bool:
+        """Whether this method is the one a config of ``peft_type`` means (LoRA vs DoRA: the
+        config's ``use_dora``). Exactly one registered method must claim a readable config."""
+        return True
+
+    def written(self, spec: AdapterSpec) -> AdapterSpec:
+        """The spec PEFT stores this adapter as (default: itself); its method's form writes
+        it. QLoRA is written as the LoRA / DoRA it carries."""
+        return spec
+
+    def spec_kwargs(self, cfg: dict) -> dict:
+        """Spec kwargs of a PEFT config (must hold ``rank`` and ``alpha``; targets, patterns
+        and modules_to_save are resolved by the caller); refuses options adaptkit cannot
+        reproduce."""
+        raise NotImplementedError
+
+    def config(self, spec: AdapterSpec, layers: dict[str, dict]) -> dict:
+        """The method's own adapter_config.json fields for ``spec`` over ``layers`` (path ->
+        the file's layer table entry); refuses what PEFT cannot express."""
+        raise NotImplementedError
+
+    def layout(self, kind: str, wshape, key: str, shape) -> tuple[str, tuple]:
+        """(PEFT key suffix, PEFT shape) of adaptkit parameter ``key`` (``shape``) of an adapter
+        on a ``kind`` base with weight ``wshape``: the same data, renamed and reshaped."""
+        return key, tuple(shape)
+
+    def check_layer(self, kind: str, shape, path: str, module: nn.Module | None = None) -> None:
+        """Refuse a layer on which PEFT computes another update than adaptkit (given the
+        module: also from its geometry)."""
+
+    def infer_layer(self, tensors: dict, cfg: dict, path: str) -> tuple[str, tuple]:
+        """(base kind, weight shape) of a PEFT-adapted path from its tensors (keys without
+        the path) and the config alone: what the command line uses without a base file."""
+        raise err(f"'{path}': the {self.peft_type} tensors do not tell the base's shape; "
+                  f"give the base weights (--base)")
+
+    @staticmethod
+    def alpha0(spec: AdapterSpec):
+        """The spec's default alpha as PEFT writes it (alpha None means alpha = rank)."""
+        return num(spec.alpha if spec.alpha is not None else spec.rank)
+
+
+def form_of(spec) -> PeftForm | None:
+    """The PEFT form a spec (or spec class) declares itself, or None."""
+    cls = spec if isinstance(spec, type) else type(spec)
+    return vars(cls).get("peft_form")
+
+
+def forms() -> dict[str, PeftForm]:
+    """method name -> PEFT form, over the method registry."""
+    return {m: f for m, cls in METHODS.items() if (f := form_of(cls)) is not None}
+
+
+def read_form(cfg: dict) -> tuple[str, PeftForm]:
+    """(adaptkit method, its form) of a PEFT config."""
+    pt, known = cfg.get("peft_type"), forms()
+    hits = [(m, f) for m, f in known.items() if f.peft_type == pt and f.reads(cfg)]
+    if len(hits) != 1:
+        types = sorted({f.peft_type for f in known.values()})
+        raise err(f"peft_type={pt!r} is not supported; adaptkit reads {', '.join(types)}" if not hits else
+                  f"peft_type={pt!r} is claimed by methods {[m for m, _ in hits]}; fix their reads()")
+    return hits[0]
+
+
+def write_form(spec: AdapterSpec) -> PeftForm:
+    """The form ``spec``'s method declares; an error naming the methods that have one."""
+    form = form_of(spec)
+    if form is None:
+        raise err(f"method {spec.method!r} has no PEFT form; PEFT interop covers "
+                  f"{', '.join(sorted(forms()))}")
+    return form
 
 
 # ---- config <-> spec ---------------------------------------------------------------------
 def spec_fields(cfg: dict) -> tuple[str, dict]:
     """(adaptkit method, spec kwargs but targets / patterns / modules_to_save) of a PEFT
     config, refusing every option adaptkit cannot reproduce."""
-    pt = cfg.get("peft_type")
-    if pt not in ("LORA", "LOKR"):
-        raise _err(f"peft_type={pt!r} is not supported; adaptkit reads LORA (incl. DoRA) and LOKR")
-    bad = {k: v for k, v in cfg.items() if k not in (_LORA_KEYS if pt == "LORA" else _LOKR_KEYS)
+    method, form = read_form(cfg)
+    bad = {k: v for k, v in cfg.items() if k not in _COMMON | form.options
            and v not in (None, False, {}, [], "")}
     if bad:
-        raise _err(f"PEFT option(s) {bad} change the adapter and have no adaptkit equivalent; "
-                   f"use this adapter with PEFT (or merge it there)")
+        raise err(f"PEFT option(s) {bad} change the adapter and have no adaptkit equivalent; "
+                  f"use this adapter with PEFT (or merge it there)")
     if cfg.get("ensure_weight_tying") and saved_names(cfg):
-        raise _err("ensure_weight_tying=True ties modules_to_save copies, which adaptkit does not")
-    if pt == "LOKR":
-        init = cfg.get("init_weights", True)
-        if init not in (True, False, "lycoris"):
-            raise _err(f"init_weights={init!r} is not one of True, False, 'lycoris'")
-        return "lokr", dict(rank=cfg.get("r", 8), alpha=cfg.get("alpha", 8), scale_mode="peft",
-                            init={True: "default", False: "random"}.get(init, init),
-                            **{k: cfg[k] for k in _LOKR_OPTS if k in cfg})
-    init, bias = cfg.get("init_lora_weights", True), cfg.get("bias", "none")
-    if init not in _LORA_INITS:
-        raise _err(f"init_lora_weights={init!r}: the adapter needs a base changed by that init "
-                   f"(or a random one) that adaptkit cannot rebuild; convert it in PEFT first "
-                   f"(path_initial_model_for_weight_conversion) or use True/'gaussian'/'pissa'/'olora'")
-    if bias not in _BIAS:
-        raise _err(f"bias={bias!r} is not one of {sorted(_BIAS)}")
-    return ("dora" if cfg.get("use_dora") else "lora"), dict(
-        rank=cfg.get("r", 8), alpha=cfg.get("lora_alpha", 8), dropout=cfg.get("lora_dropout", 0.0),
-        use_rslora=bool(cfg.get("use_rslora", False)), init=_LORA_INITS[init], bias=_BIAS[bias])
+        raise err("ensure_weight_tying=True ties modules_to_save copies, which adaptkit does not")
+    return method, form.spec_kwargs(cfg)
 
 
 def _pattern_keys(paths: list[str], values: dict, default) -> dict:
     """PEFT pattern keys giving ``values[p]`` exactly at the adapted paths: the escaped path,
     anchored with ``^`` when another adapted path ends with ``.p``."""
-    return {("^" if any(q.endswith("." + p) for q in paths) else "") + re.escape(p): _num(values[p])
+    return {("^" if any(q.endswith("." + p) for q in paths) else "") + re.escape(p): num(values[p])
             for p in paths if values[p] != default}
 
 
 def peft_config(spec: AdapterSpec, layers: dict[str, dict], saved: list[str]) -> dict:
     """The adapter_config.json selecting exactly ``layers`` (and ``saved``) with spec's values."""
-    paths, a0 = list(layers), spec.alpha if spec.alpha is not None else spec.rank
-    cfg = {"peft_type": "LOKR" if spec.method == "lokr" else "LORA", "task_type": None,
+    spec = write_form(spec).written(spec)
+    form, paths = write_form(spec), list(layers)
+    cfg = {"peft_type": form.peft_type, "task_type": None,
            "inference_mode": True, "r": spec.rank, "target_modules": "|".join(map(re.escape, paths)),
            "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None,
            "rank_pattern": _pattern_keys(paths, {p: spec.rank_for(p) for p in paths}, spec.rank),
-           "alpha_pattern": _pattern_keys(paths, {p: spec.alpha_for(p) for p in paths}, a0),
+           "alpha_pattern": _pattern_keys(paths, {p: spec.alpha_for(p) for p in paths}, form.alpha0(spec)),
            "modules_to_save": saved or None}
-    if spec.method == "lokr":
-        if spec.bias != "none" or spec.scale_mode != "peft":
-            raise _err(f"LoKr bias={spec.bias!r}, scale_mode={spec.scale_mode!r}: PEFT's LoKr has "
-                       f"no bias option and always scales by alpha/r (scale_mode='peft')")
-        return cfg | dict(alpha=_num(a0), init_weights={"default": True, "random": False}.get(spec.init, spec.init),
-                          **{k: getattr(spec, k) for k in _LOKR_OPTS})
-    if spec.init not in ("default", "gaussian", "pissa", "olora"):
-        raise _err(f"init={spec.init!r} has no PEFT equivalent")
-    return cfg | dict(lora_alpha=_num(a0), lora_dropout=spec.dropout, use_rslora=spec.use_rslora,
-                      use_dora=spec.method == "dora", lora_bias=False,
-                      bias={v: k for k, v in _BIAS.items()}[spec.bias],
-                      init_lora_weights={"default": True}.get(spec.init, spec.init),
-                      fan_in_fan_out=all(d["kind"] == "conv1d_t" for d in layers.values()))
-
-
+    return cfg | form.config(spec, layers)

@@ -1,7 +1,8 @@
 """ak.peft_compat against real PEFT 0.21.2: folders saved by PEFT load into adaptkit with the
 same outputs, and folders adaptkit writes load in PEFT with the same outputs (LoRA on
 Linear / Conv2d / Embedding / GPT-2 Conv1D, rsLoRA, PEFT's pattern rules, modules_to_save,
-biases; DoRA; LoKr), plus an error for everything PEFT does that adaptkit cannot express."""
+biases; DoRA; LoKr; QLoRA / QDoRA written as LoRA / DoRA), plus an error for everything PEFT does that adaptkit cannot express. Each method declares its
+own PEFT form: a toy method round-trips with nothing but its declaration."""
 import copy
 import json
 import os
@@ -10,8 +11,10 @@ import re
 import pytest
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
 
 import adaptkit as ak
+from adaptkit.layer import adapted_layers
 from adaptkit.peft_compat import read_peft, write_peft
 
 peft = pytest.importorskip("peft")
@@ -246,3 +249,93 @@ def test_write_refuses_modules_to_save_that_peft_would_match_twice(tmp_path):
         write_peft(model, tmp_path / "p")
     with pytest.raises(ak.AdaptkitError, match="no adapter named 'x'"):
         write_peft(model, tmp_path / "p", name="x")
+
+
+# ---- interop is declared per method (methods/*.py), generic over the registry ---------------
+def test_methods_declare_their_peft_forms(tmp_path):
+    from adaptkit.peft_config import forms
+    assert {m: f.peft_type for m, f in forms().items()} == {
+        "lora": "LORA", "dora": "LORA", "lokr": "LOKR", "qlora": "LORA"}
+    model = Net()
+    ak.inject(model, ak.MoRA(rank=2, targets=r"blocks\.0\.q"))
+    with pytest.raises(ak.AdaptkitError, match=r"'mora' has no PEFT form; PEFT interop covers dora, lokr, lora, qlora"):
+        write_peft(model, tmp_path / "p")
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["qlora", "qdora"])
+def test_qlora_writes_the_lora_folder_it_carries(tmp_path, dora):
+    """PEFT's QLoRA is a LoraConfig on a 4-bit base: PEFT on the dequantised NF4 weights gives
+    adaptkit's outputs. Reading it back gives LoRA / DoRA (the config does not say 4-bit)."""
+    from conftest import randomise_adapters
+    base = Net()
+    model = copy.deepcopy(base)
+    ak.inject(model, ak.QLoRA(rank=4, alpha=6, targets=r"blocks\.\d\.(q|v)|proj", use_dora=dora,
+                              bias="adapter_only"))
+    randomise_adapters(model, 0.1, seed=0)
+    write_peft(model, tmp_path / "p")
+    cfg = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["use_dora"] is dora
+    deq = copy.deepcopy(base)
+    with torch.no_grad():
+        for p, layer in adapted_layers(model):
+            deq.get_submodule(p).weight.copy_(layer.dense_weight())
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(deq), tmp_path / "p")
+    _assert_close(_out(pm), _out(model))
+    again = copy.deepcopy(deq)
+    read_peft(again, tmp_path / "p")
+    assert ak.summary(again).per_adapter["default"]["method"] == ("dora" if dora else "lora")
+    _assert_close(_out(again), _out(model))
+
+
+def test_a_new_method_brings_its_own_peft_form(tmp_path, monkeypatch):
+    """A method's PEFT interop is its own declaration: a toy method registered here, with its
+    peft_type, config field, tensor names and layer inference, round-trips through write_peft /
+    read_peft and the command line without any change to peft_compat, peft_config or cli."""
+    import dataclasses
+    from adaptkit.cli import main
+    from adaptkit.peft_config import PeftForm
+    from adaptkit.spec import METHODS
+
+    @dataclasses.dataclass(frozen=True)
+    class Toy(ak.LoRA):
+        method = "toy"
+
+    class ToyPeft(PeftForm):
+        peft_type, prefix, options = "TOY", "toy_", frozenset({"toy_alpha"})
+        names = {"lora_A": "toy_down", "lora_B": "toy_up"}
+
+        def spec_kwargs(self, cfg):
+            return dict(rank=cfg["r"], alpha=cfg["toy_alpha"])
+
+        def config(self, spec, layers):
+            return {"toy_alpha": self.alpha0(spec)}
+
+        def layout(self, kind, wshape, key, shape):
+            return self.names[key], tuple(shape)
+
+        def infer_layer(self, tensors, cfg, path):
+            return "linear", (tensors["toy_up"].shape[0], tensors["toy_down"].shape[1])
+
+    Toy.peft_form = ToyPeft()
+    monkeypatch.setitem(METHODS, "toy", Toy)
+    base = Net()
+    model = copy.deepcopy(base)
+    ak.inject(model, Toy(rank=3, alpha=5, targets=r"blocks\.\d\.q|proj", rank_pattern={"proj": 2}))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    write_peft(model, tmp_path / "p")
+    cfg = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "TOY" and cfg["toy_alpha"] == 5 and cfg["rank_pattern"] == {"proj": 2}
+    keys = set(load_file(str(tmp_path / "p" / "adapter_model.safetensors")))
+    assert "base_model.model.proj.toy_up" in keys and not any("lora" in k for k in keys)
+    again = copy.deepcopy(base)
+    read_peft(again, tmp_path / "p")
+    assert ak.summary(again).per_adapter["default"]["method"] == "toy"
+    assert torch.equal(_out(again), _out(model))
+    assert main(["convert", str(tmp_path / "p"), "-o", str(tmp_path / "t.safetensors")]) == 0
+    fresh = copy.deepcopy(base)
+    ak.load(fresh, tmp_path / "t.safetensors")
+    assert torch.equal(_out(fresh), _out(model))

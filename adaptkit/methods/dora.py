@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from ..errors import AdaptkitError
 from ..layer import AdaptedLayer, tracing
 from ..spec import register_method
-from .lora import LoRA, LoRAAdapter, check_rank, lora_scale
+from .lora import LoRA, LoRAAdapter, LoRAPeft, check_rank, lora_scale
 
 _CHUNK = 1 << 22  # elements of W converted to fp32 at a time for the cached row norms
 
@@ -338,3 +338,13 @@ class DoRAAdapter(LoRAAdapter):
         g = _gain(self.lora_magnitude.detach(), self._merge_norm.to(w32.device), w2, 0)  # (out, 1)
         self._merge_norm = None
         return layer.from_2d(w2 / g - d)
+
+
+class DoRAPeft(LoRAPeft):
+    """PEFT's ``LoraConfig(use_dora=True)`` <-> :class:`DoRA`: LoRA's fields and tensors plus
+    ``lora_magnitude_vector`` (see :class:`adaptkit.methods.lora.LoRAPeft`)."""
+
+    use_dora = True
+
+
+DoRA.peft_form = DoRAPeft()  # PEFT interop (ak.peft_compat, the command line)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from ..errors import AdaptkitError
 from ..kron import kron_apply, kron_sum
 from ..layer import Adapter, AdaptedLayer, tracing
+from ..peft_config import PeftForm, err
 from ..spec import AdapterSpec, register_method
 
 INITS = ("default", "lycoris", "random")
@@ -220,3 +221,59 @@ class LoKrAdapter(Adapter):
         if keep is not None and tracing():
             u = u * keep.to(device=u.device, dtype=u.dtype)
         return y + u.to(y.dtype)
+
+
+# ---- PEFT interop (ak.peft_compat, the command line) ----------------------------------------
+class LoKrPeft(PeftForm):
+    """PEFT's ``LoKrConfig`` <-> :class:`LoKr` with ``scale_mode="peft"`` and no bias. The
+    tensors have the same names and shapes in both (p.lokr_w1 | lokr_w1_a, _b; p.lokr_w2 |
+    lokr_w2_a, _b [, lokr_t2]); PEFT stores no alpha tensor."""
+
+    peft_type, prefix = "LOKR", "lokr_"
+    OPTS = ("rank_dropout", "module_dropout", "use_effective_conv2d", "decompose_both",
+            "decompose_factor", "rank_dropout_scale")
+    options = frozenset({"alpha", "init_weights", *OPTS})
+
+    def spec_kwargs(self, cfg: dict) -> dict:
+        init = cfg.get("init_weights", True)
+        if init not in (True, False, "lycoris"):
+            raise err(f"init_weights={init!r} is not one of True, False, 'lycoris'")
+        return dict(rank=cfg.get("r", 8), alpha=cfg.get("alpha", 8), scale_mode="peft",
+                    init={True: "default", False: "random"}.get(init, init),
+                    **{k: cfg[k] for k in self.OPTS if k in cfg})
+
+    def config(self, spec: LoKr, layers: dict[str, dict]) -> dict:
+        if spec.bias != "none" or spec.scale_mode != "peft":
+            raise err(f"LoKr bias={spec.bias!r}, scale_mode={spec.scale_mode!r}: PEFT's LoKr has "
+                      f"no bias option and always scales by alpha/r (scale_mode='peft')")
+        return dict(alpha=self.alpha0(spec), init_weights={"default": True, "random": False}.get(spec.init, spec.init),
+                    **{k: getattr(spec, k) for k in self.OPTS})
+
+    def check_layer(self, kind: str, shape, path: str, module: nn.Module | None = None) -> None:
+        """PEFT's LoKr adapts Linear and Conv2d only (its Conv1d kron puts no kernel axis on
+        w1), and its conv is zero-padded."""
+        if not (kind == "linear" or kind == "conv" and len(shape) == 4):
+            raise err(f"'{path}': PEFT's LoKr on a {kind} base with weight {list(shape)} differs from "
+                      f"adaptkit's (PEFT: Linear and Conv2d only; its Conv1d kron differs); exclude it")
+        if module is not None and kind == "conv" and module.padding_mode != "zeros":
+            raise err(f"'{path}': PEFT's LoKr on a conv with padding_mode={module.padding_mode!r} "
+                      f"computes another update (its conv is zero-padded); exclude this layer")
+
+    def infer_layer(self, tensors: dict, cfg: dict, path: str) -> tuple[str, tuple]:
+        """out = a*b, in = c*d (* kernel); a low-rank w2_a @ w2_b hides a conv kernel, which
+        then reads as a Linear (the command line's ``--base`` tells)."""
+        t = tensors
+        try:
+            w1 = t["lokr_w1"].shape if "lokr_w1" in t else (t["lokr_w1_a"].shape[0], t["lokr_w1_b"].shape[1])
+            if "lokr_w2" in t:
+                b, d, *k = t["lokr_w2"].shape
+            elif "lokr_t2" in t:
+                b, d, k = t["lokr_w2_a"].shape[1], t["lokr_w2_b"].shape[1], list(t["lokr_t2"].shape[2:])
+            else:
+                b, d, k = t["lokr_w2_a"].shape[0], t["lokr_w2_b"].shape[1], []
+        except KeyError as e:
+            raise AdaptkitError(f"'{path}': LoKr tensor lokr_{e.args[0][5:]} missing; it has {sorted(t)}") from None
+        return ("conv" if k else "linear"), (w1[0] * b, w1[1] * d, *k)
+
+
+LoKr.peft_form = LoKrPeft()

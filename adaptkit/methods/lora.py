@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ..errors import AdaptkitError
 from ..layer import Adapter, AdaptedLayer
+from ..peft_config import PeftForm, err
 from ..spec import AdapterSpec, register_method
 
 INITS = ("default", "gaussian", "pissa", "olora")
@@ -160,3 +161,87 @@ class LoRAAdapter(Adapter):
         nd = w.dim() - 2
         conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
         return conv(h, (self.scale * B).view(*B.shape, *[1] * nd))  # B as (out, r, 1..)
+
+
+# ---- PEFT interop (ak.peft_compat, the command line) ----------------------------------------
+class LoRAPeft(PeftForm):
+    """PEFT's ``LoraConfig`` (``use_dora`` False) <-> :class:`LoRA`. Tensors of adapted path p
+    (PEFT layout <-> adaptkit's, the same data):
+        p.lora_A.weight (r, in[, *k]) <-> lora_A (r, in*prod(k));  p.lora_B.weight (out, r[, 1..])
+        <-> lora_B (out, r);  Embedding: p.lora_embedding_A (r, V) / _B (d, r) <-> the same;
+        DoRA: p.lora_magnitude_vector (out,) [conv (1, out, 1..)] <-> lora_magnitude (out,).
+    """
+
+    peft_type, prefix, use_dora = "LORA", "lora_", False
+    # options acting only at init time, on other hardware, or per base type (PEFT forces
+    # fan_in_fan_out from the layer class): the stored weights mean the same whatever they say
+    options = frozenset({"lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights", "use_dora",
+                         "bias", "runtime_config", "megatron_core", "fan_in_fan_out", "qalora_group_size",
+                         "eva_config", "corda_config", "lora_ga_config", "ensure_weight_tying"})
+    # weights come from the file; pissa / olora re-run on load in PEFT as in adaptkit
+    # (W <- W - s B0 A0 from the same SVD / QR), so they stay exact
+    INITS = {True: "default", False: "default", "gaussian": "gaussian", "eva": "default",
+             "orthogonal": "default", "pissa": "pissa", "olora": "olora"}
+    BIAS = {"none": "none", "all": "all", "lora_only": "adapter_only"}
+
+    def reads(self, cfg: dict) -> bool:
+        return bool(cfg.get("use_dora")) == self.use_dora
+
+    def spec_kwargs(self, cfg: dict) -> dict:
+        init, bias = cfg.get("init_lora_weights", True), cfg.get("bias", "none")
+        if init not in self.INITS:
+            raise err(f"init_lora_weights={init!r}: the adapter needs a base changed by that init "
+                      f"(or a random one) that adaptkit cannot rebuild; convert it in PEFT first "
+                      f"(path_initial_model_for_weight_conversion) or use True/'gaussian'/'pissa'/'olora'")
+        if bias not in self.BIAS:
+            raise err(f"bias={bias!r} is not one of {sorted(self.BIAS)}")
+        return dict(rank=cfg.get("r", 8), alpha=cfg.get("lora_alpha", 8), dropout=cfg.get("lora_dropout", 0.0),
+                    use_rslora=bool(cfg.get("use_rslora", False)), init=self.INITS[init], bias=self.BIAS[bias])
+
+    def config(self, spec: LoRA, layers: dict[str, dict]) -> dict:
+        if spec.init not in INITS:
+            raise err(f"init={spec.init!r} has no PEFT equivalent")
+        return dict(lora_alpha=self.alpha0(spec), lora_dropout=spec.dropout, use_rslora=spec.use_rslora,
+                    use_dora=self.use_dora, lora_bias=False,
+                    bias={v: k for k, v in self.BIAS.items()}[spec.bias],
+                    init_lora_weights={"default": True}.get(spec.init, spec.init),
+                    fan_in_fan_out=all(d["kind"] == "conv1d_t" for d in layers.values()))
+
+    def layout(self, kind: str, wshape, key: str, shape) -> tuple[str, tuple]:
+        ones = (1,) * (len(wshape) - 2) if kind == "conv" else ()
+        if key == "lora_magnitude":
+            return "lora_magnitude_vector", (1, *shape, *ones) if ones else tuple(shape)  # (1, out, 1..)
+        if kind == "embedding":
+            return key.replace("lora_", "lora_embedding_"), tuple(shape)
+        if kind == "conv" and key == "lora_A":
+            return "lora_A.weight", (shape[0], *wshape[1:])  # (r, in*prod(k)) -> (r, in, *k)
+        return f"{key}.weight", (*shape, *ones)  # conv B: (out, r) -> (out, r, 1, ..)
+
+    def check_layer(self, kind: str, shape, path: str, module: nn.Module | None = None) -> None:
+        """PEFT's A-conv keeps only stride and padding (ungrouped, undilated, zero-padded);
+        its embedding LoRA applies max_norm / embed_scale."""
+        m = module
+        if m is not None and kind == "conv" and (
+                m.padding_mode != "zeros" or m.groups != 1 or any(d != 1 for d in m.dilation)):
+            raise err(f"'{path}': PEFT's {'DoRA' if self.use_dora else 'LoRA'} on a conv with groups={m.groups}, "
+                      f"dilation={m.dilation}, padding_mode={m.padding_mode!r} computes another update "
+                      f"(its conv is ungrouped, undilated, zero-padded); exclude this layer")
+        if m is not None and kind == "embedding" and (m.max_norm is not None or hasattr(m, "embed_scale")):
+            raise err(f"'{path}': PEFT's embedding LoRA applies max_norm / embed_scale, adaptkit's "
+                      f"does not; exclude this layer")
+
+    def infer_layer(self, tensors: dict, cfg: dict, path: str) -> tuple[str, tuple]:
+        t = tensors
+        if "lora_embedding_A" in t and "lora_embedding_B" in t:
+            return "embedding", (t["lora_embedding_A"].shape[1], t["lora_embedding_B"].shape[0])
+        a, b = t.get("lora_A.weight"), t.get("lora_B.weight")
+        if a is None or b is None:
+            raise AdaptkitError(f"'{path}': lora_A.weight / lora_B.weight missing; it has {sorted(t)}")
+        if a.dim() > 2:  # PEFT's grouped-conv B is (out, r / groups, 1..): shape checks refuse it
+            return "conv", (b.shape[0], *a.shape[1:])
+        if cfg.get("fan_in_fan_out"):  # GPT-2 Conv1D: weight (in, out)
+            return "conv1d_t", (a.shape[1], b.shape[0])
+        return "linear", (b.shape[0], a.shape[1])
+
+
+LoRA.peft_form = LoRAPeft()

@@ -12,6 +12,7 @@ are LoRA's / DoRA's, built in the compute dtype (``NF4Base.param_kw``).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch.nn as nn
@@ -20,7 +21,8 @@ from ..errors import AdaptkitError
 from ..layer import AdaptedLayer
 from ..nf4_linear import DTYPE_NAMES, DTYPES, NF4Linear, check_settings
 from ..spec import register_method
-from .dora import DoRAAdapter
+from ..peft_config import PeftForm
+from .dora import DoRA, DoRAAdapter
 from .lora import LoRA, LoRAAdapter, check_rank, lora_scale
 
 __all__ = ["QLoRA", "NF4Linear"]
@@ -84,3 +86,19 @@ class QLoRA(LoRA):
         s = lora_scale(self.alpha_for(path), r, self.use_rslora)
         cls = DoRAAdapter if self.use_dora else LoRAAdapter
         return cls(layer, r, s, self.dropout, self.init)
+
+
+class QLoRAPeft(PeftForm):
+    """PEFT has no QLoRA type: its QLoRA is a LoraConfig (use_dora: QDoRA) on a base bitsandbytes
+    loads in 4 bit, so QLoRA writes the LoRA / DoRA folder it carries (same outputs in PEFT on
+    the base quantised alike, or on the dequantised weights). Reading gives ak.LoRA / ak.DoRA."""
+
+    peft_type = "LORA"
+    reads = staticmethod(lambda cfg: False)  # a config does not say its base is 4-bit
+
+    def written(self, spec: QLoRA) -> LoRA:
+        kw = {f.name: getattr(spec, f.name) for f in dataclasses.fields(LoRA)}
+        return (DoRA if spec.use_dora else LoRA)(**kw)
+
+
+QLoRA.peft_form = QLoRAPeft()  # PEFT interop (ak.peft_compat, the command line)
