@@ -7,23 +7,20 @@ r"""adaptkit: parameter-efficient fine-tuning for any torch.nn.Module, in pure P
 """
 __version__ = "0.1.0"
 
+from . import (
+    nf4,  # ak.nf4: NF4 kernels, quantize / save / load a model
+    peft_compat,  # ak.peft_compat: read / write PEFT adapter folders
+)
 from .combine import combine
 from .errors import AdaptkitError
 from .inject import delete, disabled, inject, set_active, summary
 from .io import load, save
-from .merge import merge
-from .optim import param_groups  # LoRA+ learning-rate groups
-from . import peft_compat  # ak.peft_compat: read / write PEFT adapter folders
-from .methods import LoRA
-from .methods import GeoLoRA, GeoLoRAOptimizer
-from .methods import DoRA, LoKr
-from .methods import LoRAMPO
-from .methods import MoRA, MoRALinear
-from .methods import QLoRA
-from . import nf4  # ak.nf4: NF4 kernels, quantize / save / load a model
 from .lora_convert import to_lora  # any adapter -> a plain LoRA (truncated SVD)
+from .merge import merge
+from .methods import DoRA, GeoLoRA, GeoLoRAOptimizer, LoKr, LoRA, LoRAMPO, MoRA, MoRALinear, QLoRA
+from .optim import param_groups  # LoRA+ learning-rate groups
 
 __all__ = [
-    "AdaptkitError", "DoRA", "GeoLoRA", "GeoLoRAOptimizer", "LoKr", "LoRA", "LoRAMPO", "MoRA", "MoRALinear", "QLoRA", "combine", "delete", "disabled", "inject", "load", "merge", "param_groups",
+    "nf4", "peft_compat", "AdaptkitError", "DoRA", "GeoLoRA", "GeoLoRAOptimizer", "LoKr", "LoRA", "LoRAMPO", "MoRA", "MoRALinear", "QLoRA", "combine", "delete", "disabled", "inject", "load", "merge", "param_groups",
     "save", "set_active", "summary", "to_lora",
 ]

@@ -64,7 +64,7 @@ def combine(model: nn.Module, weights: dict[str, float], name: str = "combined",
                 alpha_pattern={re.escape(p): float(ranks[p]) for p in parts})  # scale 1
     built, extras = plan(model, spec, name, paths=list(parts))
     with torch.no_grad():
-        for p, layer, new in built:
+        for p, _, new in built:
             A, B = _combined(parts[p], method, ranks[p])
             new.lora_A.copy_(A)
             new.lora_B.copy_(B)

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from .errors import AdaptkitError
-from .layer import AdaptedLayer, adapted_layers, base_kind, wrap
+from .layer import adapted_layers, base_kind, wrap
 from .spec import AdapterSpec
 from .targets import read_by_parent, saved_modules, select
 

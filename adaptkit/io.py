@@ -284,7 +284,7 @@ def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[
                             ". Nothing was loaded; the file does not fit this model/spec")
     paths = attach(model, spec, name, built, extras)
     with torch.no_grad():
-        for p, layer, a in built:
+        for p, _, a in built:
             sd = {k: tensors[f"{p}.{k}"] for k in a.state_dict()}
             a.load_state_dict(sd, strict=True)
         for q in extras:

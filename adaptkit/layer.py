@@ -69,19 +69,19 @@ class Adapter(nn.Module):
     # (DoRA pushes its A rows through the same GEMM as x; see methods/dora.py)
     fuses_base: bool = False
 
-    def update(self, x: torch.Tensor, y: torch.Tensor, layer: "AdaptedLayer") -> torch.Tensor:
+    def update(self, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
         raise NotImplementedError
 
-    def delta_weight(self, layer: "AdaptedLayer") -> torch.Tensor:
+    def delta_weight(self, layer: AdaptedLayer) -> torch.Tensor:
         raise NotImplementedError
 
-    def merge_weight(self, layer: "AdaptedLayer", w32: torch.Tensor) -> torch.Tensor:
+    def merge_weight(self, layer: AdaptedLayer, w32: torch.Tensor) -> torch.Tensor:
         return w32 + self.delta_weight(layer)
 
-    def unmerge_weight(self, layer: "AdaptedLayer", w32: torch.Tensor) -> torch.Tensor:
+    def unmerge_weight(self, layer: AdaptedLayer, w32: torch.Tensor) -> torch.Tensor:
         return w32 - self.delta_weight(layer)
 
-    def attach(self, layer: "AdaptedLayer") -> None:
+    def attach(self, layer: AdaptedLayer) -> None:
         pass
 
     def layer_state(self) -> dict[str, Any]:
@@ -90,7 +90,7 @@ class Adapter(nn.Module):
     def load_layer_state(self, state: dict[str, Any], path: str) -> None:
         pass
 
-    def base_forward(self, x: torch.Tensor, layer: "AdaptedLayer") -> torch.Tensor:
+    def base_forward(self, x: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
         return layer.base.forward(layer, x)
 
 

@@ -37,7 +37,8 @@ import json
 import math
 import re
 import warnings
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -287,7 +288,7 @@ def file_to_lora(tensors: dict, meta: dict, rank: int | None = None, energy: flo
         d = layers[p]
         w = weight_of(p) if weight_of is not None else None
         layer = stand_in(d["kind"], d["shape"], (torch.zeros(d["shape"]) if w is None else w.clone()),
-                         lambda m: src.prepare_base(m, p))
+                         lambda m, p=p: src.prepare_base(m, p))
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             a = src.build(layer, p)
             a.load_layer_state(d.get("state", {}), p)

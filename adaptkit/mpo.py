@@ -45,7 +45,8 @@ and the results are cast back. Every function keeps the input's device.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 

@@ -39,8 +39,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping, Optional
 
 import numpy as np
 import torch
@@ -141,8 +141,8 @@ class NF4State:
     shape: torch.Size
     dtype: torch.dtype
     blocksize: int = 64
-    nested_absmax: Optional[torch.Tensor] = None
-    offset: Optional[torch.Tensor] = None
+    nested_absmax: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
     nested_blocksize: int = 256
 
     @property
@@ -187,7 +187,7 @@ class NF4State:
         return out
 
     @classmethod
-    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], prefix: str = "weight") -> "NF4State":
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], prefix: str = "weight") -> NF4State:
         """Inverse of :meth:`to_tensors`; validates keys, maps and sizes (reads bnb files too)."""
         def need(key: str) -> torch.Tensor:
             if key not in tensors:
@@ -328,7 +328,7 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
 
 
 def decode_blocks(p: torch.Tensor, a: torch.Tensor, out: torch.Tensor, pairs: torch.Tensor,
-                  k: torch.Tensor, buf: Optional[torch.Tensor]) -> torch.Tensor:
+                  k: torch.Tensor, buf: torch.Tensor | None) -> torch.Tensor:
     """Dequantise whole blocks, row by row: bytes ``p`` uint8 ``[R, m/2]`` (rows may be
     strided, e.g. a column slice of a ``[out, in/2]`` view), block absmax ``a`` fp32
     ``[R, m/blocksize]``, into contiguous ``out`` ``[R, m]`` (fp32 / fp16 / bf16). ``k``: int32
@@ -346,7 +346,7 @@ def decode_blocks(p: torch.Tensor, a: torch.Tensor, out: torch.Tensor, pairs: to
 
 
 def dequantize_nf4(packed: torch.Tensor, state: NF4State,
-                   dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
     """Inverse of :func:`quantize_nf4`: ``NF4_CODE[nibble] · absmax`` in fp32, then one cast.
 
     ``packed``: uint8 with ``ceil(n/2)`` elements (any shape, e.g. bnb's ``[ceil(n/2), 1]``).

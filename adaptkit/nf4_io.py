@@ -21,7 +21,7 @@ import torch.nn as nn
 from .errors import AdaptkitError
 from .inject import check_model, state
 from .io import json_object, key_problems, read_safetensors, write_safetensors
-from .layer import AdaptedLayer, adapted_layers, base_kind
+from .layer import adapted_layers, base_kind
 from .nf4 import NF4State
 from .nf4_linear import DTYPE_NAMES, DTYPES, NF4Linear, check_settings
 from .spec import _as_tuple

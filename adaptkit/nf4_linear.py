@@ -33,7 +33,6 @@ dtype (deq(W) + delta summed in fp32), never a silently re-quantised one (PEFT's
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -79,7 +78,7 @@ class _NF4LinearFn(torch.autograd.Function):
         return gx, gb, None
 
 
-def nf4_forward(layer: "NF4Linear", x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def nf4_forward(layer: NF4Linear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The NF4 base op: x W^T + b in the compute dtype, returned in x's dtype (inference on
     CPU: chunked, or for 1-2 rows of x a compiled fused GEMV; :mod:`adaptkit.nf4_matmul`)."""
     cd = layer.compute_dtype
@@ -123,7 +122,7 @@ class NF4Linear(nn.Linear):
     @classmethod
     def from_weight(cls, w: torch.Tensor, bias: nn.Parameter | None = None, *, blocksize: int = 64,
                     double_quant: bool = True, nested_blocksize: int = 256,
-                    compute_dtype: torch.dtype | None = None) -> "NF4Linear":
+                    compute_dtype: torch.dtype | None = None) -> NF4Linear:
         """Quantise a dense (out, in) weight (deterministic: same bytes every time); ``bias``
         is taken over as it is (same Parameter)."""
         packed, st = quantize_nf4(w.detach(), blocksize, double_quant, nested_blocksize)
@@ -135,7 +134,7 @@ class NF4Linear(nn.Linear):
         return q
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, **settings) -> "NF4Linear":
+    def from_linear(cls, lin: nn.Linear, **settings) -> NF4Linear:
         """An NF4 copy of ``lin`` (left untouched; the bias Parameter is shared)."""
         q = cls.from_weight(lin.weight, lin.bias, **settings)
         return q.train(lin.training)

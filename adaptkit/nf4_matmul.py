@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -92,8 +91,8 @@ def _round(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return ((b + (0x7FFF + ((b >> 16) & 1))) & -65536).view(torch.float32)
 
 
-def _k_gemv(p3: torch.Tensor, am: torch.Tensor, nested: Optional[torch.Tensor],
-            offset: Optional[torch.Tensor], nbs: int, xe: torch.Tensor, xo: torch.Tensor,
+def _k_gemv(p3: torch.Tensor, am: torch.Tensor, nested: torch.Tensor | None,
+            offset: torch.Tensor | None, nbs: int, xe: torch.Tensor, xo: torch.Tensor,
             dtype: torch.dtype) -> torch.Tensor:
     """fp32 (R,) = Ŵ x with Ŵ rounded to ``dtype``: ``p3`` uint8 (R, nb, bs/2); ``am`` the
     block absmax (R, nb), fp32, or uint8 codes with ``nested`` / ``offset`` / ``nbs`` (double
@@ -176,7 +175,7 @@ def _row_chunks(p3: torch.Tensor, state: NF4State, dtype: torch.dtype):
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, state: NF4State, dtype: torch.dtype,
-           bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+           bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x Ŵ^T + bias`` in ``dtype`` for ``x`` (..., in) in ``dtype`` (see the module doc)."""
     p3 = _layout(packed, state, x.numel() // max(1, x.shape[-1]))
     if p3 is None:

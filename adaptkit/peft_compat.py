@@ -27,8 +27,17 @@ from .errors import AdaptkitError
 from .inject import state
 from .io import FORMAT, _version, adapter_tensors, atomic_write, load_tensors, write_safetensors
 from .layer import AdaptedLayer, base_kind, stand_in
-from .peft_config import (PeftForm, form_of, forms, pattern_value, peft_config, peft_targets, saved_names,
-                          saved_paths, spec_fields)
+from .peft_config import (
+    PeftForm,
+    form_of,
+    forms,
+    pattern_value,
+    peft_config,
+    peft_targets,
+    saved_names,
+    saved_paths,
+    spec_fields,
+)
 from .spec import METHODS, AdapterSpec
 from .targets import matches
 

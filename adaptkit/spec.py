@@ -18,10 +18,10 @@ Pattern = str | list[str] | tuple[str, ...] | None
 BIAS_MODES = ("none", "all", "adapter_only")
 
 # method name -> spec class; filled by @register_method in adaptkit/methods/*.py
-METHODS: dict[str, type["AdapterSpec"]] = {}
+METHODS: dict[str, type[AdapterSpec]] = {}
 
 
-def register_method(cls: type["AdapterSpec"]) -> type["AdapterSpec"]:
+def register_method(cls: type[AdapterSpec]) -> type[AdapterSpec]:
     """Class decorator adding a spec class to the method registry under ``cls.method``."""
     METHODS[cls.method] = cls
     return cls
@@ -157,7 +157,7 @@ class AdapterSpec:
         return out
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> "AdapterSpec":
+    def from_dict(d: dict[str, Any]) -> AdapterSpec:
         if not isinstance(d, dict) or "method" not in d:
             raise AdaptkitError(f"spec: expected a JSON object with a 'method' key, got {d!r:.200}")
         method = d["method"]

@@ -3,11 +3,11 @@
 Every registered method is picked up by the shared conformance suite.
 """
 from ..spec import METHODS
-from .lora import LoRA
+from .dora import DoRA
 from .geolora import GeoLoRA
 from .geolora_optim import GeoLoRAOptimizer
-from .dora import DoRA
 from .lokr import LoKr
+from .lora import LoRA
 from .lorampo import LoRAMPO
 from .mora import MoRA
 from .mora_linear import MoRALinear

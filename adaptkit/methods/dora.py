@@ -71,7 +71,7 @@ class DoRA(LoRA):
     def supports(self, kind: str) -> bool:
         return kind in ("linear", "conv1d_t", "conv")
 
-    def build(self, layer: AdaptedLayer, path: str) -> "DoRAAdapter":
+    def build(self, layer: AdaptedLayer, path: str) -> DoRAAdapter:
         r = self.rank_for(path)
         check_rank(type(self).__name__, r, layer, path)
         s = lora_scale(self.alpha_for(path), r, self.use_rslora)

@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import AdaptkitError
-from ..layer import Adapter, AdaptedLayer
+from ..layer import AdaptedLayer, Adapter
 from ..spec import AdapterSpec, register_method
 
 TRUNCATIONS = ("local_threshold", "fixed_rank", "global_budget")
@@ -87,7 +87,7 @@ class GeoLoRA(AdapterSpec):
             raise AdaptkitError(f"{name}: budget={self.budget!r} applies to truncation='global_budget' "
                                 f"only (got truncation={self.truncation!r}); drop budget or switch")
 
-    def build(self, layer: AdaptedLayer, path: str) -> "GeoLoRAAdapter":
+    def build(self, layer: AdaptedLayer, path: str) -> GeoLoRAAdapter:
         r = self.rank_for(path)
         limit = min(layer.in_features, layer.out_features)
         if r > limit:

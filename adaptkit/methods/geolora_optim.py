@@ -34,7 +34,8 @@ follow (the same dict objects), so torch LR schedulers drive both.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn

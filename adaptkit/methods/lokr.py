@@ -29,11 +29,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..errors import AdaptkitError
 from ..kron import kron_apply, kron_sum
-from ..layer import Adapter, AdaptedLayer, tracing
+from ..layer import AdaptedLayer, Adapter, tracing
 from ..peft_config import PeftForm, err
 from ..spec import AdapterSpec, register_method
 
@@ -109,7 +108,7 @@ class LoKr(AdapterSpec):
     def supports(self, kind: str) -> bool:
         return kind in ("linear", "conv1d_t", "conv")
 
-    def build(self, layer: AdaptedLayer, path: str) -> "LoKrAdapter":
+    def build(self, layer: AdaptedLayer, path: str) -> LoKrAdapter:
         r, alpha = self.rank_for(path), self.alpha_for(path)
         w = layer.weight
         if layer.kind == "conv":

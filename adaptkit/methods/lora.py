@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import AdaptkitError
-from ..layer import Adapter, AdaptedLayer
+from ..layer import AdaptedLayer, Adapter
 from ..peft_config import PeftForm, err
 from ..spec import AdapterSpec, register_method
 
@@ -68,7 +68,7 @@ class LoRA(AdapterSpec):
     def supports(self, kind: str) -> bool:
         return True
 
-    def build(self, layer: AdaptedLayer, path: str) -> "LoRAAdapter":
+    def build(self, layer: AdaptedLayer, path: str) -> LoRAAdapter:
         r = self.rank_for(path)
         check_rank(type(self).__name__, r, layer, path)
         if self.init in ("pissa", "olora") and layer.kind == "embedding":

@@ -82,7 +82,7 @@ import torch.nn.functional as F
 
 from ..errors import AdaptkitError
 from ..kron import kron_apply, kron_sum
-from ..layer import Adapter, AdaptedLayer
+from ..layer import AdaptedLayer, Adapter
 from ..mpo import balanced_factors, interleaved_unfolding, kron_decompose
 from ..spec import AdapterSpec, register_method
 from .lora import LoRAAdapter, check_rank, lora_scale
@@ -172,7 +172,7 @@ class LoRAMPO(AdapterSpec):
             shapes.append(tuple(given))
         return shapes[0], shapes[1]  # type: ignore[return-value]
 
-    def build(self, layer: AdaptedLayer, path: str) -> "LoRAMPOAdapter":
+    def build(self, layer: AdaptedLayer, path: str) -> LoRAMPOAdapter:
         name = type(self).__name__
         r = self.rank_for(path)
         (o1, o2), (i1, i2) = self.shapes_for(layer, path)

@@ -54,7 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import AdaptkitError
-from ..layer import Adapter, AdaptedLayer, tracing
+from ..layer import AdaptedLayer, Adapter, tracing
 from ..spec import AdapterSpec, register_method
 
 MORA_TYPES = (1, 2, 3, 4, 6, "truncate", "decouple")
@@ -225,7 +225,7 @@ class MoRA(AdapterSpec):
     def supports(self, kind: str) -> bool:
         return kind in ("linear", "conv1d_t")
 
-    def build(self, layer: AdaptedLayer, path: str) -> "MoRAAdapter":
+    def build(self, layer: AdaptedLayer, path: str) -> MoRAAdapter:
         r = self.r_hat or r_hat_for(layer.in_features, layer.out_features, self.rank_for(path),
                                     self.mora_type)
         return MoRAAdapter(layer, r, self.mora_type, self.dropout)

@@ -17,7 +17,7 @@ from ..base import LinearBase
 from ..errors import AdaptkitError
 from ..layer import AdaptedLayer
 from ..targets import matches
-from .mora import MoRA, MoRAAdapter
+from .mora import MoRA
 
 OWN = "(mora)"  # the adapter's name: not a valid ak.inject name, so no adapter can clash
 
@@ -45,7 +45,7 @@ class MoRALinear(AdaptedLayer, nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, rank: int = 8, mora_type=6, r_hat: int | None = None,
                     dropout: float = 0.0, merge_every: int | None = None,
-                    freeze_base: bool = True) -> "MoRALinear":
+                    freeze_base: bool = True) -> MoRALinear:
         """Wrap ``linear``: its weight / bias Parameters are reused (no copy, no re-init)."""
         if not isinstance(linear, nn.Linear):
             raise AdaptkitError(f"MoRALinear.from_linear: expected an nn.Linear, got "

@@ -44,7 +44,7 @@ def merge_and_reset_mora_linear(model: nn.Module, cycle: int = 1, optimizer=None
     bad = [p for p, _, m in mods if not torch.isfinite(m.mora_M).all()]
     if bad:
         raise AdaptkitError(f"ReMoRA: non-finite mora_M at {bad}; nothing was merged")
-    for p, layer, m in mods:
+    for _, layer, m in mods:
         if m.merged:  # the base keeps the update; M restarts from 0
             m.merged = False
             layer.set_active(layer._active_names)

@@ -20,8 +20,8 @@ import torch.nn as nn
 from ..errors import AdaptkitError
 from ..layer import AdaptedLayer
 from ..nf4_linear import DTYPE_NAMES, DTYPES, NF4Linear, check_settings
-from ..spec import register_method
 from ..peft_config import PeftForm
+from ..spec import register_method
 from .dora import DoRA, DoRAAdapter
 from .lora import LoRA, LoRAAdapter, check_rank, lora_scale
 
