@@ -44,7 +44,7 @@ from safetensors import safe_open
 from . import __version__
 from .errors import AdaptkitError
 from .io import read, write_safetensors
-from .layer import stand_in
+from .layer import stand_in_adapter
 from .lora_convert import file_to_lora
 from .peft_compat import form, from_peft, group_keys, read_folder, spec_fields, to_peft, write_folder
 from .spec import AdapterSpec
@@ -149,13 +149,7 @@ def merge_layer(spec: AdapterSpec, path: str, d: dict, weight: torch.Tensor, ten
     then ``ak.merge`` compute it: build, layer state, attach (residual inits), tensors,
     ``merge_weight`` in fp32 on a stand-in layer holding a copy of the base weight (for
     QLoRA its NF4 quantisation: the merge adds the delta to the dequantised weight)."""
-    layer = stand_in(d["kind"], d["shape"], weight.clone(), lambda m: spec.prepare_base(m, path))
-    a = spec.build(layer, path)
-    a.load_layer_state(d.get("state", {}), path)
-    names = {k: f"{path}.{k}" for k in a.state_dict()}
-    missing = sorted(q for q in names.values() if q not in tensors)
-    if missing:
-        raise AdaptkitError(f"the adapter lacks {missing} for '{path}'")
+    layer, a, names = stand_in_adapter(spec, d, path, weight.clone(), tensors)
     with torch.no_grad():
         a.attach(layer)
         try:
@@ -167,6 +161,20 @@ def merge_layer(spec: AdapterSpec, path: str, d: dict, weight: torch.Tensor, ten
     if not torch.isfinite(merged).all():
         raise AdaptkitError(f"non-finite merged weight at '{path}'; nothing was written")
     return merged, set(names.values())
+
+
+def _fit_base(meta: dict, base: dict, prefix, base_name: str, adapter_name: str):
+    """(layer table, adapted paths, key prefix) of an adapter file against a base state dict,
+    every adapted weight's shape checked."""
+    layers = json.loads(meta["adaptkit.layers"])
+    method = json.loads(meta["adaptkit.spec"])["method"]
+    paths = [p for p, d in layers.items() if d["method"] == method]
+    pre = _find_prefix(paths, base, prefix, f"'{base_name}'")
+    bad = [f"'{pre}{p}.weight' is {list(base[pre + p + '.weight'].shape)}, the adapter was made for "
+           f"{layers[p]['shape']}" for p in paths if list(base[pre + p + ".weight"].shape) != layers[p]["shape"]]
+    if bad:
+        raise AdaptkitError(f"'{base_name}' does not fit '{adapter_name}': {'; '.join(bad)}")
+    return layers, paths, pre
 
 
 def _swapped(args, what: str) -> AdaptkitError:
@@ -185,13 +193,7 @@ def cmd_merge(args) -> None:
         raise _swapped(args, "an adaptkit adapter file")
     tensors, meta = _load_adapter(args.adapter, base, args.prefix)
     spec = AdapterSpec.from_dict(json.loads(meta["adaptkit.spec"]))
-    layers = json.loads(meta["adaptkit.layers"])
-    paths = [p for p, d in layers.items() if d["method"] == spec.method]
-    pre = _find_prefix(paths, base, args.prefix, f"'{args.base}'")
-    bad = [f"'{pre}{p}.weight' is {list(base[pre + p + '.weight'].shape)}, the adapter was made for "
-           f"{layers[p]['shape']}" for p in paths if list(base[pre + p + ".weight"].shape) != layers[p]["shape"]]
-    if bad:
-        raise AdaptkitError(f"'{args.base}' does not fit '{args.adapter}': {'; '.join(bad)}")
+    layers, paths, pre = _fit_base(meta, base, args.prefix, args.base, args.adapter)
     own, merged = set(), {}
     for i, p in enumerate(paths):
         if not args.quiet:
@@ -229,13 +231,7 @@ def cmd_to_lora(args) -> None:
     tensors, meta = _load_adapter(args.src, base, args.prefix)
     weight_of = None
     if base is not None:
-        layers = json.loads(meta["adaptkit.layers"])
-        paths = [p for p, d in layers.items() if d["method"] == json.loads(meta["adaptkit.spec"])["method"]]
-        pre = _find_prefix(paths, base, args.prefix, f"'{args.base}'")
-        bad = [f"'{pre}{p}.weight' is {list(base[pre + p + '.weight'].shape)}, the adapter was made for "
-               f"{layers[p]['shape']}" for p in paths if list(base[pre + p + ".weight"].shape) != layers[p]["shape"]]
-        if bad:
-            raise AdaptkitError(f"'{args.base}' does not fit '{args.src}': {'; '.join(bad)}")
+        pre = _fit_base(meta, base, args.prefix, args.base, args.src)[2]
         weight_of = lambda p: base[f"{pre}{p}.weight"]  # noqa: E731
     out, new_meta, report = file_to_lora(tensors, meta, args.rank, args.energy, weight_of, f"'{args.src}'")
     if args.output.endswith(".safetensors"):

@@ -290,3 +290,19 @@ def stand_in(kind: str, shape, weight: torch.Tensor | None = None, prepare=None)
     if weight is not None:
         m.weight = nn.Parameter(weight, requires_grad=False)
     return wrap(prepare(m) if prepare else m)
+
+
+def stand_in_adapter(spec, entry: dict, path: str, weight: torch.Tensor | None, tensors: dict | None,
+                     where: str = ""):
+    """A stand-in layer for one entry of a file's layer table (kind, shape, state) holding
+    ``weight``, with ``spec``'s adapter built on it and its layer state restored, as ``ak.load``
+    does; the file's ``tensors`` (None: not checked) must hold every parameter it needs. Returns (layer, adapter,
+    {parameter name: file key}); attaching and loading the tensors is the caller's."""
+    layer = stand_in(entry["kind"], entry["shape"], weight, lambda m: spec.prepare_base(m, path))
+    a = spec.build(layer, path)
+    a.load_layer_state(entry.get("state", {}), path)
+    keys = {k: f"{path}.{k}" for k in a.state_dict()}
+    missing = sorted(q for q in keys.values() if tensors is not None and q not in tensors)
+    if missing:
+        raise AdaptkitError(f"{where}the adapter lacks {missing} for '{path}'")
+    return layer, a, keys

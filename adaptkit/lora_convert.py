@@ -46,7 +46,7 @@ import torch.nn as nn
 from .errors import AdaptkitError
 from .inject import check_name, set_active, state
 from .io import FORMAT, _version, adapter_tensors, load_tensors
-from .layer import Adapter, adapted_layers, stand_in
+from .layer import Adapter, adapted_layers, stand_in_adapter
 from .methods.lora import LoRA
 from .methods.qlora_nf4 import QLoRA
 from .spec import AdapterSpec
@@ -258,9 +258,7 @@ def _rewrites_base(spec: AdapterSpec, table: dict[str, dict]) -> bool:
     for w in (None, torch.zeros(d["shape"])):
         try:
             with torch.random.fork_rng(devices=[]), torch.no_grad():
-                layer = stand_in(d["kind"], d["shape"], w, lambda m: spec.prepare_base(m, p))
-                a = spec.build(layer, p)
-                a.load_layer_state(d.get("state", {}), p)
+                layer, a, _ = stand_in_adapter(spec, d, p, w, None)
                 v = layer.weight._version
                 a.attach(layer)
                 return layer.weight._version != v
@@ -287,15 +285,9 @@ def file_to_lora(tensors: dict, meta: dict, rank: int | None = None, energy: flo
     for p in paths:
         d = layers[p]
         w = weight_of(p) if weight_of is not None else None
-        layer = stand_in(d["kind"], d["shape"], (torch.zeros(d["shape"]) if w is None else w.clone()),
-                         lambda m, p=p: src.prepare_base(m, p))
         with torch.random.fork_rng(devices=[]), torch.no_grad():
-            a = src.build(layer, p)
-            a.load_layer_state(d.get("state", {}), p)
-            keys = {k: f"{p}.{k}" for k in a.state_dict()}
-            missing = sorted(q for q in keys.values() if q not in tensors)
-            if missing:
-                raise AdaptkitError(f"{where}: the adapter lacks {missing} for '{p}'")
+            weight = torch.zeros(d["shape"]) if w is None else w.clone()
+            layer, a, keys = stand_in_adapter(src, d, p, weight, tensors, f"{where}: ")
             w0, v = layer.dense_weight().clone(), layer.weight._version  # W may be a view of the weight
             a.attach(layer)
             needs_base = layer.weight._version != v or not is_additive(a)
