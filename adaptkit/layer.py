@@ -115,6 +115,7 @@ class AdaptedLayer(nn.Module):
     docstring. Everything that depends on the kind of base is asked of ``self.base``."""
 
     _base_cls: type
+    kind: str  # the Base's kind ("linear", "conv1d_t", "conv", "embedding")
     # True for a module that carries its own adapter (ak.MoRALinear): inject never wraps it
     # and the model's active set (ak.set_active, refresh) leaves its adapter alone
     owns_adapters: bool = False
@@ -133,14 +134,11 @@ class AdaptedLayer(nn.Module):
             self.__dict__["bias"] = None  # Embedding: lets base ops / adapters say layer.bias
         self.adapters = nn.ModuleDict()
         self.__dict__["base"] = base  # holds the original module, outside the module tree
+        self.__dict__["kind"] = base.kind  # a plain attribute: adapters read it on every call
         self.__dict__["_active"] = ()  # unmerged active adapters, in order
         self.__dict__["_active_names"] = []
 
     # ---- views through the base (the adapters' API) -------------------------------------
-    @property
-    def kind(self) -> str:
-        return self.base.kind
-
     @property
     def out_features(self) -> int:
         return self.base.features(self)[0]
