@@ -1,4 +1,4 @@
-"""Save / load adapters: one strict, versioned safetensors file (format 1, DESIGN.md).
+"""Save / load adapters: one strict, versioned safetensors file (format 1; docs/ARCHITECTURE.md).
 
 Tensors: ``<module path>.<param>`` (adapter parameters, plus trained biases and
 ``modules_to_save`` weights; never frozen base weights; no adapter name in keys).

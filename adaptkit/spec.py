@@ -1,7 +1,7 @@
 """Adapter specs: one frozen dataclass per method, validated on construction.
 
 Every method's spec subclasses :class:`AdapterSpec`, which holds the fields all methods
-share (DESIGN.md, "Public API"). A spec is JSON round-trippable through ``to_dict`` /
+share (docs/ARCHITECTURE.md). A spec is JSON round-trippable through ``to_dict`` /
 ``from_dict``; ``from_dict`` is strict: an unknown method or field is an error, so a file
 written by a newer adaptkit never loads with silently lost semantics (PEFT pain #6).
 """

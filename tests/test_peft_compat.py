@@ -14,6 +14,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 import adaptkit as ak
+from conftest import randomise_adapters
 from adaptkit.layer import adapted_layers
 from adaptkit.peft_compat import read_peft, write_peft
 
@@ -322,10 +323,7 @@ def test_a_new_method_brings_its_own_peft_form(tmp_path, monkeypatch):
     base = Net()
     model = copy.deepcopy(base)
     ak.inject(model, Toy(rank=3, alpha=5, targets=r"blocks\.\d\.q|proj", rank_pattern={"proj": 2}))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.1)
+    randomise_adapters(model, 0.1, add=True)
     write_peft(model, tmp_path / "p")
     cfg = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "TOY" and cfg["toy_alpha"] == 5 and cfg["rank_pattern"] == {"proj": 2}
