@@ -3,7 +3,7 @@ r"""LoRA-MPO: a low-rank update made of the top Kronecker (2-core MPO) component
 References: MPO compression of weights (Gao et al., Phys. Rev. Research 2, 023300, 2020);
 MPOP (Liu et al., "Enabling Lightweight Fine-tuning for Pre-trained Language Model Compression
 based on Matrix Product Operators", ACL 2021); MPOE (Gao et al., COLING 2022); the PEFT
-LoRA-MPO PR #2868 (closed; its ``lorampo_init`` is not ported, see specs/methods.md section 3);
+LoRA-MPO PR #2868 (closed; its ``lorampo_init`` is not ported);
 Kronecker SVD (Van Loan & Pitsianis, 1993); PiSSA residual init (Meng et al., 2024,
 arXiv 2404.02948).
 
