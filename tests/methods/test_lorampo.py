@@ -180,8 +180,9 @@ def test_dense_route_folds_into_the_base_matmul_only_when_exact():
     model, layer = build()
     ad = layer.adapters["default"]
     seen = []
-    real = layer.base.op  # every base computation goes through the Base's op
-    layer.base.op = lambda l_, x_, w, b: seen.append(w is layer.weight) or real(l_, x_, w, b)
+    real_op, real_fwd = layer.base.op, layer.base.forward  # the Base runs every base computation:
+    layer.base.op = lambda l_, x_, w, b: seen.append(w is layer.weight) or real_op(l_, x_, w, b)
+    layer.base.forward = lambda l_, x_: seen.append(True) or real_fwd(l_, x_)  # its own W
     want = nn.functional.linear(x.double(), layer.weight.double() + _kron_ref(ad), layer.bias.double())
     torch.testing.assert_close(layer(x).double(), want, rtol=1e-5, atol=1e-5)
     assert seen == [False]                               # folded: W + s ΔW went to the base op
