@@ -107,15 +107,32 @@ def test_matcher_equals_fullmatch_over_named_modules(tree, pattern):
         assert ak.inject(tree, ak.LoRA(rank=1, targets=pattern)) == want
 
 
-@settings(max_examples=30, deadline=None)
-@given(pos=st.floats(0, 1), byte=st.integers(0, 255), cut=st.booleans())
-def test_malformed_files_fail_with_adaptkit_error(pos, byte, cut):
+def _saved_lora(folder: str):
+    """(a fresh copy of the base model, the path of a LoRA adapter of it saved in ``folder``)."""
     m = _model(8, 8, 6)
     fresh = copy.deepcopy(m)
     ak.inject(m, ak.LoRA(rank=2, targets=r"0|2"))
+    f = os.path.join(folder, "a.safetensors")
+    ak.save(m, f)
+    return fresh, f
+
+
+def _load_fails_cleanly(model, f: str) -> None:
+    """ak.load(model, f) succeeds, or raises AdaptkitError leaving the model exactly as it was."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        ak.load(model, f)
+    except ak.AdaptkitError:
+        after = model.state_dict()
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+        assert "_adaptkit" not in model.__dict__
+
+
+@settings(max_examples=30, deadline=None)
+@given(pos=st.floats(0, 1), byte=st.integers(0, 255), cut=st.booleans())
+def test_malformed_files_fail_with_adaptkit_error(pos, byte, cut):
     with tempfile.TemporaryDirectory() as d:
-        f = os.path.join(d, "a.safetensors")
-        ak.save(m, f)
+        fresh, f = _saved_lora(d)
         data = bytearray(open(f, "rb").read())
         i = min(int(pos * len(data)), len(data) - 1)
         if cut:
@@ -123,12 +140,7 @@ def test_malformed_files_fail_with_adaptkit_error(pos, byte, cut):
         else:
             data[i] = byte
         open(f, "wb").write(bytes(data))
-        before = {k: v.clone() for k, v in fresh.state_dict().items()}
-        try:
-            ak.load(fresh, f)
-        except ak.AdaptkitError:
-            after = fresh.state_dict()
-            assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+        _load_fails_cleanly(fresh, f)
 
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
@@ -173,21 +185,11 @@ def test_malformed_metadata_fails_with_adaptkit_error_only(data):
     from safetensors import safe_open
     from safetensors.torch import save_file
     from adaptkit.cli import main
-    m = _model(8, 8, 6)
-    fresh = copy.deepcopy(m)
-    ak.inject(m, ak.LoRA(rank=2, targets=r"0|2"))
     with tempfile.TemporaryDirectory() as d:
-        f = os.path.join(d, "a.safetensors")
-        ak.save(m, f)
+        fresh, f = _saved_lora(d)
         with safe_open(f, "pt") as g:
             tensors, meta = {k: g.get_tensor(k) for k in g.keys()}, g.metadata()
         save_file(tensors, f, metadata=data.draw(metadata_edits(meta)))
-        before = {k: v.clone() for k, v in fresh.state_dict().items()}
-        try:
-            ak.load(fresh, f)
-        except ak.AdaptkitError:
-            after = fresh.state_dict()
-            assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-            assert "_adaptkit" not in fresh.__dict__
+        _load_fails_cleanly(fresh, f)
         with contextlib.redirect_stdout(_io.StringIO()), contextlib.redirect_stderr(_io.StringIO()):
             assert main(["inspect", f]) in (0, 1)  # 1: a one-line AdaptkitError
