@@ -64,8 +64,9 @@ class LoRAConversion(NamedTuple):
     ranks: dict[str, int]
 
     def __str__(self) -> str:
-        rows = [f"{'layer':48s} {'rank':>5s} {'rel. error':>11s}"]
-        rows += [f"{p:48.48s} {self.ranks[p]:5d} {e:11.3e}" for p, e in self.errors.items()]
+        w = max([len("layer"), *map(len, self.errors)])  # full paths, as ak.summary / inspect
+        rows = [f"{'layer':{w}s} {'rank':>5s} {'rel. error':>11s}"]
+        rows += [f"{p:{w}s} {self.ranks[p]:5d} {e:11.3e}" for p, e in self.errors.items()]
         worst = max(self.errors.values(), default=0.0)
         rows.append(f"LoRA {self.name!r}: {len(self.errors)} layers, ranks "
                     f"{min(self.ranks.values(), default=0)}..{max(self.ranks.values(), default=0)}, "
