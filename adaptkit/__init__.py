@@ -1,10 +1,11 @@
 r"""adaptkit: parameter-efficient fine-tuning for any torch.nn.Module, in pure PyTorch.
 
-    import adaptkit as ak
-    ak.inject(model, ak.LoRA(rank=16, alpha=32, targets=r".*\.(q|k|v|o)_proj"))
-    ak.save(model, "adapter.safetensors");  ak.load(other, "adapter.safetensors")
-    model = ak.merge(model)
+import adaptkit as ak
+ak.inject(model, ak.LoRA(rank=16, alpha=32, targets=r".*\.(q|k|v|o)_proj"))
+ak.save(model, "adapter.safetensors");  ak.load(other, "adapter.safetensors")
+model = ak.merge(model)
 """
+
 __version__ = "0.1.0"
 
 from . import (
@@ -21,6 +22,27 @@ from .methods import DoRA, GeoLoRA, GeoLoRAOptimizer, LoKr, LoRA, LoRAMPO, MoRA,
 from .optim import param_groups  # LoRA+ learning-rate groups
 
 __all__ = [
-    "nf4", "peft_compat", "AdaptkitError", "DoRA", "GeoLoRA", "GeoLoRAOptimizer", "LoKr", "LoRA", "LoRAMPO", "MoRA", "MoRALinear", "QLoRA", "combine", "delete", "disabled", "inject", "load", "merge", "param_groups",
-    "save", "set_active", "summary", "to_lora",
+    "nf4",
+    "peft_compat",
+    "AdaptkitError",
+    "DoRA",
+    "GeoLoRA",
+    "GeoLoRAOptimizer",
+    "LoKr",
+    "LoRA",
+    "LoRAMPO",
+    "MoRA",
+    "MoRALinear",
+    "QLoRA",
+    "combine",
+    "delete",
+    "disabled",
+    "inject",
+    "load",
+    "merge",
+    "param_groups",
+    "save",
+    "set_active",
+    "summary",
+    "to_lora",
 ]

@@ -15,6 +15,7 @@ once. Adapters see every base through the same 2-D view::
 A new base kind is one subclass here (or in its own file) and one :func:`register_base`
 line; see docs/ARCHITECTURE.md.
 """
+
 from __future__ import annotations
 
 from typing import ClassVar
@@ -142,8 +143,13 @@ class TransposedBase(Base):
     @classmethod
     def accepts(cls, m):
         w = getattr(m, "weight", None)
-        return (type(m).__name__ == "Conv1D" and isinstance(getattr(m, "nf", None), int)
-                and isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[1] == m.nf)
+        return (
+            type(m).__name__ == "Conv1D"
+            and isinstance(getattr(m, "nf", None), int)
+            and isinstance(w, torch.Tensor)
+            and w.dim() == 2
+            and w.shape[1] == m.nf
+        )
 
     def features(self, layer):
         w = layer.weight
@@ -195,8 +201,9 @@ class EmbeddingBase(Base):
     from_2d = TransposedBase.from_2d
 
     def op(self, layer, x, weight, bias):
-        return F.embedding(x, weight, layer.padding_idx, layer.max_norm, layer.norm_type,
-                           layer.scale_grad_by_freq, layer.sparse)
+        return F.embedding(
+            x, weight, layer.padding_idx, layer.max_norm, layer.norm_type, layer.scale_grad_by_freq, layer.sparse
+        )
 
     @classmethod
     def stand_in(cls, shape):

@@ -30,6 +30,7 @@ inits such as PiSSA or LoRA-MPO's) need ``--base``.
 
 Errors print one line, ``adaptkit: error: ...``, and exit with status 1 (2 for usage).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,16 +68,19 @@ def _find_prefix(paths: list[str], keys, prefix: str | None, where: str) -> str:
     if prefix is not None:
         miss = [p for p in paths if f"{prefix}{p}.weight" not in keys]
         if miss:
-            raise AdaptkitError(f"{where} has no '{prefix}{miss[0]}.weight' ({len(miss)} adapted "
-                                f"weights missing); check --prefix")
+            raise AdaptkitError(
+                f"{where} has no '{prefix}{miss[0]}.weight' ({len(miss)} adapted weights missing); check --prefix"
+            )
         return prefix
     tail = f"{paths[0]}.weight"
-    cands = {k[:-len(tail)] for k in keys if k == tail or k.endswith("." + tail)}
+    cands = {k[: -len(tail)] for k in keys if k == tail or k.endswith("." + tail)}
     ok = sorted(c for c in cands if all(f"{c}{p}.weight" in keys for p in paths))
     if len(ok) != 1:
-        raise AdaptkitError(f"{where}: cannot tell where the adapted weights are (candidate key "
-                            f"prefixes {ok or 'none'} for '{tail}'); the base does not fit this "
-                            f"adapter, or pass --prefix")
+        raise AdaptkitError(
+            f"{where}: cannot tell where the adapted weights are (candidate key "
+            f"prefixes {ok or 'none'} for '{tail}'); the base does not fit this "
+            f"adapter, or pass --prefix"
+        )
     return ok[0]
 
 
@@ -104,6 +108,7 @@ def _load_adapter(src: str, base: dict | None = None, prefix: str | None = None)
                 kind = "linear" if real == (shape[::-1] if kind == "conv1d_t" else shape) else "conv1d_t"
             shape = real
         return kind, tuple(shape), _NAMES.get(kind) or f"Conv{len(shape) - 2}d"
+
     out, meta, _ = from_peft(cfg, tensors, layer_of, where=f"'{src}'")
     return out, meta
 
@@ -119,16 +124,25 @@ def cmd_inspect(args) -> None:
     tensors, meta = _load_adapter(args.adapter)
     spec = json.loads(meta["adaptkit.spec"])
     layers = json.loads(meta["adaptkit.layers"])
-    kind = "PEFT adapter folder" if os.path.isdir(args.adapter) else \
-        f"adaptkit format {meta['adaptkit.format']} (written by adaptkit {meta['adaptkit.version']})"
-    disk = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(args.adapter) for f in fs) \
-        if os.path.isdir(args.adapter) else os.path.getsize(args.adapter)
+    kind = (
+        "PEFT adapter folder"
+        if os.path.isdir(args.adapter)
+        else f"adaptkit format {meta['adaptkit.format']} (written by adaptkit {meta['adaptkit.version']})"
+    )
+    disk = (
+        sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(args.adapter) for f in fs)
+        if os.path.isdir(args.adapter)
+        else os.path.getsize(args.adapter)
+    )
     print(f"{args.adapter}: {kind}")
     print(f"spec: {json.dumps(spec)}")
     rows = [("layer", "method", "base", "weight", "params")]
     for p, d in layers.items():
-        n = sum(t.numel() for k, t in tensors.items() if k.rsplit(".", 1)[0] == p
-                or d["method"] == "trained" and k.startswith(p + "."))
+        n = sum(
+            t.numel()
+            for k, t in tensors.items()
+            if k.rsplit(".", 1)[0] == p or d["method"] == "trained" and k.startswith(p + ".")
+        )
         shape = "x".join(map(str, d.get("shape", []))) or "-"
         rows.append((p or "<root>", d["method"], d["base"], shape, f"{n:,d}"))
     # columns as wide as their content: a layer path is never cut (it is what --prefix and
@@ -139,9 +153,11 @@ def cmd_inspect(args) -> None:
     total = sum(t.numel() for t in tensors.values())
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
-    print(f"{sum(d['method'] != 'trained' for d in layers.values())} adapted layers, "
-          f"{len(tensors)} tensors, {total:,} parameters ({_size(nbytes)} as {'/'.join(dtypes)}), "
-          f"{_size(disk)} on disk")
+    print(
+        f"{sum(d['method'] != 'trained' for d in layers.values())} adapted layers, "
+        f"{len(tensors)} tensors, {total:,} parameters ({_size(nbytes)} as {'/'.join(dtypes)}), "
+        f"{_size(disk)} on disk"
+    )
 
 
 def merge_layer(spec: AdapterSpec, path: str, d: dict, weight: torch.Tensor, tensors: dict):
@@ -155,8 +171,9 @@ def merge_layer(spec: AdapterSpec, path: str, d: dict, weight: torch.Tensor, ten
         try:
             a.load_state_dict({k: tensors[q] for k, q in names.items()}, strict=True)
         except RuntimeError as e:  # torch's size-mismatch report
-            raise AdaptkitError(f"'{path}': the adapter's tensors do not fit its spec "
-                                f"({' '.join(str(e).split())[:300]})") from None
+            raise AdaptkitError(
+                f"'{path}': the adapter's tensors do not fit its spec ({' '.join(str(e).split())[:300]})"
+            ) from None
         merged = a.merge_weight(layer, layer.dense_weight())
     if not torch.isfinite(merged).all():
         raise AdaptkitError(f"non-finite merged weight at '{path}'; nothing was written")
@@ -170,8 +187,11 @@ def _fit_base(meta: dict, base: dict, prefix, base_name: str, adapter_name: str)
     method = json.loads(meta["adaptkit.spec"])["method"]
     paths = [p for p, d in layers.items() if d["method"] == method]
     pre = _find_prefix(paths, base, prefix, f"'{base_name}'")
-    bad = [f"'{pre}{p}.weight' is {list(base[pre + p + '.weight'].shape)}, the adapter was made for "
-           f"{layers[p]['shape']}" for p in paths if list(base[pre + p + ".weight"].shape) != layers[p]["shape"]]
+    bad = [
+        f"'{pre}{p}.weight' is {list(base[pre + p + '.weight'].shape)}, the adapter was made for {layers[p]['shape']}"
+        for p in paths
+        if list(base[pre + p + ".weight"].shape) != layers[p]["shape"]
+    ]
     if bad:
         raise AdaptkitError(f"'{base_name}' does not fit '{adapter_name}': {'; '.join(bad)}")
     return layers, paths, pre
@@ -180,9 +200,11 @@ def _fit_base(meta: dict, base: dict, prefix, base_name: str, adapter_name: str)
 def _swapped(args, what: str) -> AdaptkitError:
     """The error for ``merge ADAPTER BASE``: the arguments in the other order."""
     call = " ".join(shlex.quote(a) for a in ("adaptkit", "merge", args.adapter, args.base, "-o", args.output))
-    return AdaptkitError(f"'{args.base}' is {what}, not a base checkpoint: merge takes the base "
-                         f"weights first, then the adapter (adaptkit merge BASE ADAPTER -o OUT). "
-                         f"Swap the two: {call}")
+    return AdaptkitError(
+        f"'{args.base}' is {what}, not a base checkpoint: merge takes the base "
+        f"weights first, then the adapter (adaptkit merge BASE ADAPTER -o OUT). "
+        f"Swap the two: {call}"
+    )
 
 
 def cmd_merge(args) -> None:
@@ -198,8 +220,12 @@ def cmd_merge(args) -> None:
     for i, p in enumerate(paths):
         if not args.quiet:
             done = (i + 1) * 30 // len(paths)
-            print(f"\rmerging [{'#' * done}{'.' * (30 - done)}] {i + 1}/{len(paths)} {p[:40]:40s}",
-                  end="\n" if i + 1 == len(paths) else "", file=sys.stderr, flush=True)
+            print(
+                f"\rmerging [{'#' * done}{'.' * (30 - done)}] {i + 1}/{len(paths)} {p[:40]:40s}",
+                end="\n" if i + 1 == len(paths) else "",
+                file=sys.stderr,
+                flush=True,
+            )
         key = f"{pre}{p}.weight"
         try:
             merged[key], keys = merge_layer(spec, p, layers[p], base[key], tensors)
@@ -209,9 +235,16 @@ def cmd_merge(args) -> None:
             raise
         own.update(keys)
     extras = sorted(set(tensors) - own)  # modules_to_save / trained biases replace the base's
-    bad = [f"'{pre}{q}' " + ("is missing" if pre + q not in base else
-                             f"is {list(base[pre + q].shape)} vs {list(tensors[q].shape)} in the adapter")
-           for q in extras if pre + q not in base or base[pre + q].shape != tensors[q].shape]
+    bad = [
+        f"'{pre}{q}' "
+        + (
+            "is missing"
+            if pre + q not in base
+            else f"is {list(base[pre + q].shape)} vs {list(tensors[q].shape)} in the adapter"
+        )
+        for q in extras
+        if pre + q not in base or base[pre + q].shape != tensors[q].shape
+    ]
     if bad:
         raise AdaptkitError(f"'{args.base}' does not fit '{args.adapter}': {'; '.join(bad)}")
     for key, w in merged.items():
@@ -243,8 +276,10 @@ def cmd_to_lora(args) -> None:
     for p, e in report.errors.items():
         print(f"{p or '<root>':48.48s} rank {report.ranks[p]:5d}  relative error {e:.3e}")
     src = json.loads(meta["adaptkit.spec"])["method"]
-    print(f"wrote {what}: {json.loads(new_meta['adaptkit.spec'])['method']} from {src}, {len(report.errors)} "
-          f"layers, max relative error {max(report.errors.values()):.3e}")
+    print(
+        f"wrote {what}: {json.loads(new_meta['adaptkit.spec'])['method']} from {src}, {len(report.errors)} "
+        f"layers, max relative error {max(report.errors.values()):.3e}"
+    )
 
 
 def cmd_convert(args) -> None:
@@ -267,8 +302,10 @@ def cmd_convert(args) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="adaptkit", description="Inspect, merge and convert adapter "
-                                 "files (adaptkit .safetensors or PEFT adapter folders).")
+    ap = argparse.ArgumentParser(
+        prog="adaptkit",
+        description="Inspect, merge and convert adapter files (adaptkit .safetensors or PEFT adapter folders).",
+    )
     ap.add_argument("--version", action="version", version=f"adaptkit {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     p = sub.add_parser("inspect", help="show spec, layers, parameter count and size")
@@ -286,11 +323,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="adaptkit file or PEFT folder to write")
     p.add_argument("--base", help="base weights (.safetensors) giving PEFT layers' kinds and shapes")
     p.add_argument("--prefix", help="key prefix of --base (e.g. 'model.')")
-    p.add_argument("--to-lora", action="store_true", help="write the adapter as a plain LoRA (truncated "
-                   "SVD of each layer's update): a PEFT folder, or an adaptkit file if -o ends in .safetensors")
+    p.add_argument(
+        "--to-lora",
+        action="store_true",
+        help="write the adapter as a plain LoRA (truncated "
+        "SVD of each layer's update): a PEFT folder, or an adaptkit file if -o ends in .safetensors",
+    )
     p.add_argument("--rank", type=int, help="--to-lora: the LoRA rank (capped per layer at min(out, in))")
-    p.add_argument("--energy", type=float, help="--to-lora: per-layer ranks keeping this share of the "
-                   "squared singular values (0 < E <= 1), instead of --rank")
+    p.add_argument(
+        "--energy",
+        type=float,
+        help="--to-lora: per-layer ranks keeping this share of the "
+        "squared singular values (0 < E <= 1), instead of --rank",
+    )
     p.set_defaults(fn=cmd_convert)
     return ap
 

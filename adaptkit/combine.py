@@ -8,6 +8,7 @@ to ``rank`` by SVD (the best rank-r approximation, Eckart-Young). Unlike PEFT's 
 combine as promised (DoRA or other non-linear methods, merged adapters, trained biases or
 modules_to_save) are refused instead of silently approximated (PEFT #3761, #3737).
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,9 @@ from .layer import adapted_layers
 from .methods.lora import LoRA
 
 
-def combine(model: nn.Module, weights: dict[str, float], name: str = "combined",
-            method: str = "cat", rank: int | None = None) -> list[str]:
+def combine(
+    model: nn.Module, weights: dict[str, float], name: str = "combined", method: str = "cat", rank: int | None = None
+) -> list[str]:
     """Add adapter ``name`` = sum of ``weights[a] * adapter a`` and make it the only active
     one. ``method``: "cat" (exact) or "svd" (truncated to ``rank``, default the largest
     input rank). Returns the adapted paths."""
@@ -36,11 +38,15 @@ def combine(model: nn.Module, weights: dict[str, float], name: str = "combined",
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
             raise AdaptkitError(f"combine: weight for {a!r} must be a finite number, got {w!r}")
         if type(st.specs[a]) is not LoRA:
-            raise AdaptkitError(f"combine: adapter {a!r} is {st.specs[a].method}; only plain LoRA "
-                                f"adapters combine exactly (their deltas are linear in the weights)")
+            raise AdaptkitError(
+                f"combine: adapter {a!r} is {st.specs[a].method}; only plain LoRA "
+                f"adapters combine exactly (their deltas are linear in the weights)"
+            )
         if st.extras.get(a):
-            raise AdaptkitError(f"combine: adapter {a!r} also trains {st.extras[a][:3]}... (bias / "
-                                f"modules_to_save), which a weighted sum of deltas cannot express")
+            raise AdaptkitError(
+                f"combine: adapter {a!r} also trains {st.extras[a][:3]}... (bias / "
+                f"modules_to_save), which a weighted sum of deltas cannot express"
+            )
     if method not in ("cat", "svd"):
         raise AdaptkitError(f"combine: method={method!r}; use 'cat' (exact) or 'svd' (truncated)")
     if rank is not None and method == "cat":
@@ -55,13 +61,14 @@ def combine(model: nn.Module, weights: dict[str, float], name: str = "combined",
                 parts.setdefault(path, []).append((w, ad, layer))
     ranks = {}
     for p, items in parts.items():
-        r = sum(ad.rank for _, ad, _ in items) if method == "cat" else \
-            (rank or max(ad.rank for _, ad, _ in items))
-        ranks[p] = min(r, min(items[0][2].in_features, items[0][2].out_features)) \
-            if method == "svd" else r
-    spec = LoRA(rank=max(ranks.values()), targets=[re.escape(p) for p in parts],
-                rank_pattern={re.escape(p): ranks[p] for p in parts},
-                alpha_pattern={re.escape(p): float(ranks[p]) for p in parts})  # scale 1
+        r = sum(ad.rank for _, ad, _ in items) if method == "cat" else (rank or max(ad.rank for _, ad, _ in items))
+        ranks[p] = min(r, min(items[0][2].in_features, items[0][2].out_features)) if method == "svd" else r
+    spec = LoRA(
+        rank=max(ranks.values()),
+        targets=[re.escape(p) for p in parts],
+        rank_pattern={re.escape(p): ranks[p] for p in parts},
+        alpha_pattern={re.escape(p): float(ranks[p]) for p in parts},
+    )  # scale 1
     built, extras = plan(model, spec, name, paths=list(parts))
     with torch.no_grad():
         for p, _, new in built:

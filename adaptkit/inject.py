@@ -4,6 +4,7 @@
 failed inject (bad rank, unsupported module, ...) leaves it exactly as it was. Active
 adapters are the trainable ones; an inactive adapter is frozen and skipped in forward.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -45,7 +46,8 @@ def check_model(model: Any, where: str = "adaptkit") -> None:
         raise AdaptkitError(
             f"{where}: the model argument must be a torch.nn.Module, got {type(model).__name__} "
             f"{_short(model)}; pass the model object itself (not a path, its state_dict() or "
-            f"its parameters())")
+            f"its parameters())"
+        )
 
 
 def _short(x: Any) -> str:
@@ -67,16 +69,21 @@ def state(model: nn.Module) -> State:
 def check_name(model: nn.Module, name: str, where: str = "inject") -> None:
     """``where`` is the entry point the user called (inject, load), named in the error."""
     if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise AdaptkitError(f"{where}: adapter name {name!r} must be an identifier-like string "
-                            f"(letters, digits, '_', '-'; no dots); use e.g. name='default'")
+        raise AdaptkitError(
+            f"{where}: adapter name {name!r} must be an identifier-like string "
+            f"(letters, digits, '_', '-'; no dots); use e.g. name='default'"
+        )
     if name in state(model).specs:
-        raise AdaptkitError(f"{where}: an adapter named {name!r} already exists on this model; "
-                            f"ak.delete(model, {name!r}) first, or {where} it under another name "
-                            f"(name='{name}_2')")
+        raise AdaptkitError(
+            f"{where}: an adapter named {name!r} already exists on this model; "
+            f"ak.delete(model, {name!r}) first, or {where} it under another name "
+            f"(name='{name}_2')"
+        )
 
 
-def plan(model: nn.Module, spec: AdapterSpec, name: str, paths: list[str] | None = None,
-         layer_states: dict | None = None):
+def plan(
+    model: nn.Module, spec: AdapterSpec, name: str, paths: list[str] | None = None, layer_states: dict | None = None
+):
     """Build wrappers and adapters for ``paths`` (default: the spec's matches) without
     mutating the model. Every problem is collected and raised as one error."""
     if not isinstance(spec, AdapterSpec):
@@ -92,13 +99,16 @@ def plan(model: nn.Module, spec: AdapterSpec, name: str, paths: list[str] | None
             continue
         kind = base_kind(m)
         if kind is None or not spec.supports(kind):
-            errors.append(f"{type(spec).__name__} cannot adapt '{path}' ({type(m).__name__}); "
-                          f"exclude it or narrow targets")
+            errors.append(
+                f"{type(spec).__name__} cannot adapt '{path}' ({type(m).__name__}); exclude it or narrow targets"
+            )
             continue
         if read_by_parent(model, path):
-            errors.append(f"'{path}' is an nn.MultiheadAttention's out_proj, whose weight the "
-                          f"attention reads without calling it, so an adapter there would be "
-                          f"ignored; exclude it (or build the attention from nn.Linear layers)")
+            errors.append(
+                f"'{path}' is an nn.MultiheadAttention's out_proj, whose weight the "
+                f"attention reads without calling it, so an adapter there would be "
+                f"ignored; exclude it (or build the attention from nn.Linear layers)"
+            )
             continue
         try:
             layer = wrap(spec.prepare_base(m, path))  # QLoRA: an NF4 copy of a float Linear
@@ -137,17 +147,18 @@ def plan_error(spec: AdapterSpec, name: str, errors: list[str], paths: list[str]
     layers, and the method name the per-layer checks start with is not repeated after the
     message's own prefix."""
     from .spec import METHODS
+
     own = type(spec).__name__
     prefixes = tuple(f"{n}: " for n in {own, *(c.__name__ for c in METHODS.values())})
     known = set(paths)
     groups: dict[str, list[str]] = {}
     for msg in errors:
-        msg = next((msg[len(p):] for p in prefixes if msg.startswith(p)), msg)
+        msg = next((msg[len(p) :] for p in prefixes if msg.startswith(p)), msg)
         hit = next((m for m in _QUOTED.finditer(msg) if m.group(1) in known), None)
         if hit is None:
             groups.setdefault(msg, [])
         else:
-            groups.setdefault(msg[:hit.start()] + "\0" + msg[hit.end():], []).append(hit.group(1))
+            groups.setdefault(msg[: hit.start()] + "\0" + msg[hit.end() :], []).append(hit.group(1))
     parts = []
     for template, where in groups.items():
         shown = ", ".join(f"'{p}'" for p in where[:3])
@@ -195,9 +206,14 @@ class _InputGrads:
         self.flags = flags
 
     def __call__(self, module: nn.Module, args, output):
-        if (isinstance(output, torch.Tensor) and not output.requires_grad
-                and output.is_floating_point() and module.training and torch.is_grad_enabled()
-                and any(getattr(m, "gradient_checkpointing", False) is True for m in self.flags)):
+        if (
+            isinstance(output, torch.Tensor)
+            and not output.requires_grad
+            and output.is_floating_point()
+            and module.training
+            and torch.is_grad_enabled()
+            and any(getattr(m, "gradient_checkpointing", False) is True for m in self.flags)
+        ):
             output.requires_grad_(True)
 
 
@@ -329,11 +345,15 @@ class Summary:
         for a, d in self.per_adapter.items():
             k = d.get("merged_layers", 0)
             status = ["active"] * bool(d["active"]) + (
-                ["merged"] if k and k == d["layers"] else [f"merged in {k}/{d['layers']} layers"] * bool(k))
-            rows.append(f"adapter {a!r}: {d['method']}, {d['layers']} layers, {d['params']:,} params"
-                        + (f" ({', '.join(status)})" if status else ""))
-        rows.append(f"trainable {self.trainable:,} / total {self.total:,} "
-                    f"({100 * self.trainable / max(self.total, 1):.3f}%)")
+                ["merged"] if k and k == d["layers"] else [f"merged in {k}/{d['layers']} layers"] * bool(k)
+            )
+            rows.append(
+                f"adapter {a!r}: {d['method']}, {d['layers']} layers, {d['params']:,} params"
+                + (f" ({', '.join(status)})" if status else "")
+            )
+        rows.append(
+            f"trainable {self.trainable:,} / total {self.total:,} ({100 * self.trainable / max(self.total, 1):.3f}%)"
+        )
         return "\n".join(rows)
 
     __repr__ = __str__
@@ -347,8 +367,10 @@ def summary(model: nn.Module) -> Summary:
     per_layer = []
     # merged: folded into the base weights by ak.merge(model, unload=False) (on every layer
     # that carries it; merged_layers counts them, as layer.merge can fold a single layer)
-    per_adapter = {n: {"method": s.method, "layers": 0, "params": 0, "active": n in st.active,
-                       "merged": False, "merged_layers": 0} for n, s in st.specs.items()}
+    per_adapter = {
+        n: {"method": s.method, "layers": 0, "params": 0, "active": n in st.active, "merged": False, "merged_layers": 0}
+        for n, s in st.specs.items()
+    }
     for path, layer in adapted_layers(model):
         for n, a in layer.adapters.items():
             if n not in st.specs:  # a module's own adapter (ak.MoRALinear)
@@ -361,7 +383,14 @@ def summary(model: nn.Module) -> Summary:
     for d in per_adapter.values():
         d["merged"] = d["layers"] > 0 and d["merged_layers"] == d["layers"]
     params = list(model.parameters())
-    packed = sum(m.out_features * m.in_features for m in model.modules()
-                 if isinstance(getattr(m, "weight", None), torch.Tensor) and not m.weight.is_floating_point())
-    return Summary(sum(p.numel() for p in params if p.requires_grad),
-                   sum(p.numel() for p in params) + packed, per_adapter, per_layer)
+    packed = sum(
+        m.out_features * m.in_features
+        for m in model.modules()
+        if isinstance(getattr(m, "weight", None), torch.Tensor) and not m.weight.is_floating_point()
+    )
+    return Summary(
+        sum(p.numel() for p in params if p.requires_grad),
+        sum(p.numel() for p in params) + packed,
+        per_adapter,
+        per_layer,
+    )

@@ -8,6 +8,7 @@ Metadata (strings): ``adaptkit.format`` = "1", ``adaptkit.version``, ``adaptkit.
 Loading validates everything (format, spec, every path, type, shape and key) and reports
 every problem in one error before the model is touched. Writes are atomic.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,6 +30,7 @@ FORMAT = "1"
 
 def _version() -> str:
     from . import __version__
+
     return __version__
 
 
@@ -56,9 +58,13 @@ def adapter_tensors(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor
             continue
         for k, t in a.state_dict().items():
             tensors[f"{path}.{k}"] = _full(t)
-        layers[path] = {"method": st.specs[name].method, "base": layer._base_cls.__name__,
-                        "kind": layer.kind, "shape": weight_shape(layer),
-                        "state": a.layer_state()}
+        layers[path] = {
+            "method": st.specs[name].method,
+            "base": layer._base_cls.__name__,
+            "kind": layer.kind,
+            "shape": weight_shape(layer),
+            "state": a.layer_state(),
+        }
     params = dict(model.named_parameters())
     for q in st.extras.get(name, []):
         tensors[q] = _full(params[q].detach())
@@ -80,9 +86,12 @@ def save(model: nn.Module, path: str | os.PathLike, name: str = "default") -> No
     tensors, layers = adapter_tensors(model, name)
     if any(_is_sharded(p) for p in model.parameters()) and torch.distributed.get_rank() != 0:
         return  # every rank took part in the gather above; rank 0 alone writes
-    meta = {"adaptkit.format": FORMAT, "adaptkit.version": _version(),
-            "adaptkit.spec": json.dumps(st.specs[name].to_dict()),
-            "adaptkit.layers": json.dumps(layers)}
+    meta = {
+        "adaptkit.format": FORMAT,
+        "adaptkit.version": _version(),
+        "adaptkit.spec": json.dumps(st.specs[name].to_dict()),
+        "adaptkit.layers": json.dumps(layers),
+    }
     write_safetensors(tensors, path, meta)
 
 
@@ -103,8 +112,9 @@ def atomic_write(path: str | os.PathLike, write) -> None:
             os.remove(tmp)
 
 
-def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
-                      metadata: dict[str, str] | None = None) -> None:
+def write_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
     """Atomically write ``tensors`` (moved to CPU) with string ``metadata``. safetensors
     refuses non-contiguous tensors and tensors sharing storage (tied weights): those are
     copied, the rest are written as they are (a merged checkpoint is not held twice)."""
@@ -127,8 +137,12 @@ def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, st
     if fmt != FORMAT:
         raise AdaptkitError(
             f"load: '{path}' has adaptkit.format={fmt!r}, expected {FORMAT!r}"
-            + ("; it is not an adaptkit file (a PEFT folder? use ak.peft_compat)" if fmt is None
-               else "; it was written by another adaptkit version: upgrade adaptkit"))
+            + (
+                "; it is not an adaptkit file (a PEFT folder? use ak.peft_compat)"
+                if fmt is None
+                else "; it was written by another adaptkit version: upgrade adaptkit"
+            )
+        )
     for k in ("adaptkit.spec", "adaptkit.layers"):
         if k not in meta:
             raise AdaptkitError(f"load: '{path}' lacks the metadata key {k!r}; re-save it with ak.save")
@@ -143,20 +157,25 @@ def json_object(meta: dict[str, str], key: str, where: str, writer: str = "ak.sa
     try:
         v = json.loads(meta[key])
     except RecursionError:
-        raise AdaptkitError(f"{where}: metadata field {key!r} is JSON nested too deeply to be "
-                            f"adaptkit's; the file is corrupt or was edited: re-save it with {writer}") from None
+        raise AdaptkitError(
+            f"{where}: metadata field {key!r} is JSON nested too deeply to be "
+            f"adaptkit's; the file is corrupt or was edited: re-save it with {writer}"
+        ) from None
     except ValueError as e:  # JSONDecodeError, and integers past Python's digit limit
-        raise AdaptkitError(f"{where}: corrupt JSON in metadata field {key!r} ({e}); the file is "
-                            f"corrupt or was edited: re-save it with {writer}") from None
+        raise AdaptkitError(
+            f"{where}: corrupt JSON in metadata field {key!r} ({e}); the file is "
+            f"corrupt or was edited: re-save it with {writer}"
+        ) from None
     if not isinstance(v, dict):
-        raise AdaptkitError(f"{where}: metadata field {key!r} must be a JSON object, got a JSON "
-                            f"{_json_type(v)}; the file is corrupt or was edited: re-save it with {writer}")
+        raise AdaptkitError(
+            f"{where}: metadata field {key!r} must be a JSON object, got a JSON "
+            f"{_json_type(v)}; the file is corrupt or was edited: re-save it with {writer}"
+        )
     return v
 
 
 def _json_type(v) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
-        type(v), "number")
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(v), "number")
 
 
 def _layer_problem(p: str, d, method: str) -> str | None:
@@ -165,15 +184,20 @@ def _layer_problem(p: str, d, method: str) -> str | None:
         return f"'{p}' is a JSON {_json_type(d)}, expected an object"
     m = d.get("method")
     if m == "trained":  # a modules_to_save module or a trained bias: only its tensors matter
-        return None if isinstance(d.get("base"), str) else f"'{p}' has base={d.get('base')!r:.80}, expected a class name"
+        return (
+            None if isinstance(d.get("base"), str) else f"'{p}' has base={d.get('base')!r:.80}, expected a class name"
+        )
     if m != method:
         return f"'{p}' has method={m!r}, expected the spec's {method!r} or 'trained'"
     kind, shape = d.get("kind"), d.get("shape")
     if kind not in KINDS:
         return f"'{p}' has kind={kind!r}, expected one of {list(KINDS)}"
     dims = {"conv": (3, 4, 5), "linear": (2,), "conv1d_t": (2,), "embedding": (2,)}.get(kind, range(2, 9))
-    if not (isinstance(shape, list) and len(shape) in dims
-            and all(isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in shape)):
+    if not (
+        isinstance(shape, list)
+        and len(shape) in dims
+        and all(isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in shape)
+    ):
         n = str(dims[0]) if len(dims) == 1 else f"{dims[0]}-{dims[-1]}"
         return f"'{p}' has shape={shape!r:.80}, expected a list of {n} positive ints"
     if not isinstance(d.get("base"), str):
@@ -194,16 +218,20 @@ def parse_meta(meta: dict[str, str], path: str) -> tuple[AdapterSpec, dict[str, 
     except AdaptkitError as e:
         raise AdaptkitError(f"{where}: metadata field 'adaptkit.spec': {e}") from None
     except (TypeError, RecursionError) as e:  # a wrong-typed field some method's checks trip on
-        raise AdaptkitError(f"{where}: metadata field 'adaptkit.spec' has a field of the wrong type "
-                            f"({type(e).__name__}: {str(e)[:200]}); the file is corrupt or was "
-                            f"edited: re-save it with ak.save") from None
+        raise AdaptkitError(
+            f"{where}: metadata field 'adaptkit.spec' has a field of the wrong type "
+            f"({type(e).__name__}: {str(e)[:200]}); the file is corrupt or was "
+            f"edited: re-save it with ak.save"
+        ) from None
     layers = json_object(meta, "adaptkit.layers", where)
     bad = [b for b in (_layer_problem(p, v, spec.method) for p, v in layers.items()) if b]
     if bad:
         more = f"; ... ({len(bad)} entries)" if len(bad) > 5 else ""
-        raise AdaptkitError(f"{where}: metadata field 'adaptkit.layers' is malformed: "
-                            f"{'; '.join(bad[:5])}{more}; the file is corrupt or was edited: "
-                            f"re-save it with ak.save")
+        raise AdaptkitError(
+            f"{where}: metadata field 'adaptkit.layers' is malformed: "
+            f"{'; '.join(bad[:5])}{more}; the file is corrupt or was edited: "
+            f"re-save it with ak.save"
+        )
     return spec, layers
 
 
@@ -221,7 +249,8 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
         raise AdaptkitError(
             f"load: '{path}' is not a readable safetensors file ({type(e).__name__}: {e}); it may "
             f"be truncated, or a pickle (.bin/.pt), which adaptkit never loads. Re-save it with "
-            f"ak.save") from None
+            f"ak.save"
+        ) from None
     return tensors, meta
 
 
@@ -235,21 +264,30 @@ def load(model: nn.Module, path: str | os.PathLike, name: str = "default") -> li
     return load_tensors(model, tensors, meta, name, os.fspath(path))
 
 
-def key_problems(expected: dict[str, tuple], tensors: dict[str, torch.Tensor],
-                 shape_hint: str = "") -> list[str]:
+def key_problems(expected: dict[str, tuple], tensors: dict[str, torch.Tensor], shape_hint: str = "") -> list[str]:
     """Every missing, unexpected and mis-shaped key of ``tensors`` against ``expected``
     (key -> shape), as message parts: a strict load reports them all at once."""
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    shaped = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k])}"
-              for k in sorted(set(expected) & set(tensors))
-              if tuple(tensors[k].shape) != tuple(expected[k])]
-    return [f"missing keys {missing}"] * bool(missing) + [f"unexpected keys {unexpected}"] * \
-        bool(unexpected) + [f"mis-shaped tensors [{'; '.join(shaped)}]{shape_hint}"] * bool(shaped)
+    shaped = [
+        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k])}"
+        for k in sorted(set(expected) & set(tensors))
+        if tuple(tensors[k].shape) != tuple(expected[k])
+    ]
+    return (
+        [f"missing keys {missing}"] * bool(missing)
+        + [f"unexpected keys {unexpected}"] * bool(unexpected)
+        + [f"mis-shaped tensors [{'; '.join(shaped)}]{shape_hint}"] * bool(shaped)
+    )
 
 
-def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, str],
-                 name: str = "default", path: str = "<memory>") -> list[str]:
+def load_tensors(
+    model: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    meta: dict[str, str],
+    name: str = "default",
+    path: str = "<memory>",
+) -> list[str]:
     """:func:`load` from tensors and metadata already in memory (format 1 layout; used by
     ``ak.peft_compat``); ``path`` only names the source in errors."""
     check_model(model, "load")
@@ -265,12 +303,14 @@ def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[
             continue
         if base_kind(m) != d.get("kind") or weight_shape(m) != d.get("shape"):
             shape = weight_shape(m) if base_kind(m) else "no"
-            problems.append(f"'{p}': file has {d.get('base')} weight {d.get('shape')}, model has "
-                            f"{type(m).__name__} weight {shape}")
+            problems.append(
+                f"'{p}': file has {d.get('base')} weight {d.get('shape')}, model has {type(m).__name__} weight {shape}"
+            )
     if problems:
         raise AdaptkitError(f"load '{path}': " + "; ".join(problems) + ". Nothing was loaded")
-    built, extras = plan(model, spec, name, paths=list(adapted),
-                         layer_states={p: d.get("state", {}) for p, d in adapted.items()})
+    built, extras = plan(
+        model, spec, name, paths=list(adapted), layer_states={p: d.get("state", {}) for p, d in adapted.items()}
+    )
     expected: dict[str, tuple] = {}
     for p, _, a in built:
         for k, t in a.state_dict().items():
@@ -280,8 +320,11 @@ def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[
         expected[q] = tuple(params[q].shape)
     parts = key_problems(expected, tensors, " (config vs checkpoint rank?)")
     if parts:
-        raise AdaptkitError(f"load '{path}' ({spec.method}): " + "; ".join(parts) +
-                            ". Nothing was loaded; the file does not fit this model/spec")
+        raise AdaptkitError(
+            f"load '{path}' ({spec.method}): "
+            + "; ".join(parts)
+            + ". Nothing was loaded; the file does not fit this model/spec"
+        )
     paths = attach(model, spec, name, built, extras)
     with torch.no_grad():
         for p, _, a in built:

@@ -15,6 +15,7 @@ multiply-adds per row of x, ``R`` first ``c*d*b + a*c*b``. Products of factors c
 Users: LoKr (one product, w2 full, low-rank or Tucker), LoRA-MPO (a sum of r products given
 by its two MPO cores) and ``adaptkit.mpo.kron_reconstruct``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,8 +41,9 @@ def kron_sum(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return m.reshape(a * b, c * d, *kernel)  # (a*b, c*d, *kernel)
 
 
-def kron_apply(x: torch.Tensor, in_shape: tuple[int, int], left: torch.Tensor | None = None,
-               right: torch.Tensor | None = None) -> torch.Tensor:
+def kron_apply(
+    x: torch.Tensor, in_shape: tuple[int, int], left: torch.Tensor | None = None, right: torch.Tensor | None = None
+) -> torch.Tensor:
     """``x kron(L, R)^T`` without building the product: ``x (..., c*d) -> (..., a*b)``.
 
     ``in_shape = (c, d)``; ``left = L (a, c)``, ``right = R (b, d)``; ``None`` stands for the

@@ -18,6 +18,7 @@ An adapter implements :class:`Adapter`: ``update`` and ``delta_weight`` are requ
 ``delta_weight`` being the one source of truth that fast forward paths must agree with
 (docs/ARCHITECTURE.md, "Invariants").
 """
+
 from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
@@ -32,7 +33,6 @@ try:
     from torch.compiler import is_compiling
 except ImportError:  # torch 2.2
     from torch._dynamo import is_compiling
-
 
 
 def tracing() -> bool:
@@ -123,8 +123,7 @@ class AdaptedLayer(nn.Module):
     def _adopt(self, module: nn.Module, base: Base) -> None:
         nn.Module.__init__(self)
         for k, v in module.__dict__.items():  # in_features, stride, padding_idx, nf, ...
-            if k not in self.__dict__ and not k.startswith("_") or k in (
-                    "_reversed_padding_repeated_twice",):
+            if k not in self.__dict__ and not k.startswith("_") or k in ("_reversed_padding_repeated_twice",):
                 self.__dict__[k] = v
         self.training = module.training
         self._parameters.update(module._parameters)  # same Parameter objects: keys unchanged
@@ -180,7 +179,8 @@ class AdaptedLayer(nn.Module):
     def set_active(self, names: list[str]) -> None:
         self.__dict__["_active_names"] = list(names)
         self.__dict__["_active"] = tuple(
-            self.adapters[n] for n in names if n in self.adapters and not self.adapters[n].merged)
+            self.adapters[n] for n in names if n in self.adapters and not self.adapters[n].merged
+        )
 
     def dense_weight(self, extra: list[str] | None = None) -> torch.Tensor:
         """fp32 ``W + Σ delta`` of the named adapters (the dense reference)."""
@@ -198,8 +198,10 @@ class AdaptedLayer(nn.Module):
             return
         w = self.dense_weight(todo)
         if check and not torch.isfinite(w).all():
-            raise AdaptkitError(f"merge: adapters {todo} give a non-finite weight at this layer; "
-                                f"nothing was merged. Check the adapter weights for NaN/inf")
+            raise AdaptkitError(
+                f"merge: adapters {todo} give a non-finite weight at this layer; "
+                f"nothing was merged. Check the adapter weights for NaN/inf"
+            )
         self.base.write(self, w)
         for n in todo:
             self.adapters[n].merged = True
@@ -256,9 +258,16 @@ def _unpickle(cls: type, *_) -> AdaptedLayer:
     what pickle calls (``AdaptedLayer.__reduce_ex__``): the wrapper classes are made at run
     time, so pickle cannot find them by name, but it can find the base class."""
     if cls not in _WRAPPERS:
-        _WRAPPERS[cls] = type(f"Adapted{cls.__name__}", (AdaptedLayer, cls),
-                              {"_base_cls": cls, "forward": AdaptedLayer.forward,
-                               "extra_repr": AdaptedLayer.extra_repr, "__module__": __name__})
+        _WRAPPERS[cls] = type(
+            f"Adapted{cls.__name__}",
+            (AdaptedLayer, cls),
+            {
+                "_base_cls": cls,
+                "forward": AdaptedLayer.forward,
+                "extra_repr": AdaptedLayer.extra_repr,
+                "__module__": __name__,
+            },
+        )
     return _WRAPPERS[cls].__new__(_WRAPPERS[cls])
 
 
@@ -290,8 +299,7 @@ def stand_in(kind: str, shape, weight: torch.Tensor | None = None, prepare=None)
     return wrap(prepare(m) if prepare else m)
 
 
-def stand_in_adapter(spec, entry: dict, path: str, weight: torch.Tensor | None, tensors: dict | None,
-                     where: str = ""):
+def stand_in_adapter(spec, entry: dict, path: str, weight: torch.Tensor | None, tensors: dict | None, where: str = ""):
     """A stand-in layer for one entry of a file's layer table (kind, shape, state) holding
     ``weight``, with ``spec``'s adapter built on it and its layer state restored, as ``ak.load``
     does; the file's ``tensors`` (None: not checked) must hold every parameter it needs. Returns (layer, adapter,

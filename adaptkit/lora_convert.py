@@ -31,6 +31,7 @@ current (residual) W and is exact for this model. The command line, given the or
 (``--base``), rebuilds the residual as loading does and converts the update against the
 original W, which is what a PEFT export needs.
 """
+
 from __future__ import annotations
 
 import json
@@ -68,24 +69,29 @@ class LoRAConversion(NamedTuple):
         rows = [f"{'layer':{w}s} {'rank':>5s} {'rel. error':>11s}"]
         rows += [f"{p:{w}s} {self.ranks[p]:5d} {e:11.3e}" for p, e in self.errors.items()]
         worst = max(self.errors.values(), default=0.0)
-        rows.append(f"LoRA {self.name!r}: {len(self.errors)} layers, ranks "
-                    f"{min(self.ranks.values(), default=0)}..{max(self.ranks.values(), default=0)}, "
-                    f"max relative error {worst:.3e}")
+        rows.append(
+            f"LoRA {self.name!r}: {len(self.errors)} layers, ranks "
+            f"{min(self.ranks.values(), default=0)}..{max(self.ranks.values(), default=0)}, "
+            f"max relative error {worst:.3e}"
+        )
         return "\n".join(rows)
 
 
 def check_args(rank, energy, owner: str = "to_lora") -> None:
     """Exactly one of ``rank`` (int >= 1) and ``energy`` (0 < energy <= 1)."""
     if (rank is None) == (energy is None):
-        raise AdaptkitError(f"{owner}: give exactly one of rank (a fixed rank, e.g. rank=16) and "
-                            f"energy (ranks per layer keeping that share of ΔW's squared singular "
-                            f"values, e.g. energy=0.99); got rank={rank!r}, energy={energy!r}")
+        raise AdaptkitError(
+            f"{owner}: give exactly one of rank (a fixed rank, e.g. rank=16) and "
+            f"energy (ranks per layer keeping that share of ΔW's squared singular "
+            f"values, e.g. energy=0.99); got rank={rank!r}, energy={energy!r}"
+        )
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise AdaptkitError(f"{owner}: rank={rank!r} must be an int >= 1; use e.g. rank=16")
-    if energy is not None and (isinstance(energy, bool) or not isinstance(energy, (int, float))
-                               or not 0 < energy <= 1):
-        raise AdaptkitError(f"{owner}: energy={energy!r} must be a number in (0, 1]; use e.g. "
-                            f"energy=0.99 (1.0 keeps the numerical rank)")
+    if energy is not None and (isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1):
+        raise AdaptkitError(
+            f"{owner}: energy={energy!r} must be a number in (0, 1]; use e.g. "
+            f"energy=0.99 (1.0 keeps the numerical rank)"
+        )
 
 
 # ---- the update and its truncation ---------------------------------------------------------
@@ -118,30 +124,36 @@ def _exact(m: int, n: int, q: int) -> bool:
     return m * n < (1 << 20) or 4 * (q + _OVERSAMPLE) > min(m, n)
 
 
-def low_rank(d: torch.Tensor, rank: int | None = None, energy: float | None = None,
-             dtype: torch.dtype = torch.float32, measure: bool = True,
-             where: str = "") -> tuple[torch.Tensor, torch.Tensor, float]:
+def low_rank(
+    d: torch.Tensor,
+    rank: int | None = None,
+    energy: float | None = None,
+    dtype: torch.dtype = torch.float32,
+    measure: bool = True,
+    where: str = "",
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(B (m, k), A (k, n), relative error) for a fp32 (m, n) update ``d``: the truncated SVD
     at ``rank`` (capped at min(m, n)) or at the smallest rank holding ``energy``. B and A are
     in ``dtype``; the error is measured with them (NaN unless ``measure``)."""
     d = d.float()
     if not torch.isfinite(d).all():
-        raise AdaptkitError(f"to_lora: the update{where} has NaN/inf entries; nothing was converted. "
-                            f"Check the adapter weights")
+        raise AdaptkitError(
+            f"to_lora: the update{where} has NaN/inf entries; nothing was converted. Check the adapter weights"
+        )
     m, n = d.shape
     full = min(m, n)
     total = float(d.pow(2).sum(dtype=torch.float64))
     gen = torch.Generator(device=d.device).manual_seed(0)
     if rank is not None:
         k = min(rank, full)
-        U, S, Vh = torch.linalg.svd(d.double(), full_matrices=False) if _exact(m, n, k) else \
-            _rsvd(d, k + _OVERSAMPLE, gen)
+        U, S, Vh = (
+            torch.linalg.svd(d.double(), full_matrices=False) if _exact(m, n, k) else _rsvd(d, k + _OVERSAMPLE, gen)
+        )
     else:
         q = 32
         while True:
             exact = _exact(m, n, q)
-            U, S, Vh = torch.linalg.svd(d.double(), full_matrices=False) if exact else \
-                _rsvd(d, q + _OVERSAMPLE, gen)
+            U, S, Vh = torch.linalg.svd(d.double(), full_matrices=False) if exact else _rsvd(d, q + _OVERSAMPLE, gen)
             s2 = S.double().pow(2)
             ref = float(s2.sum()) if exact else total  # the sketch's own sum can't reach ||d||^2
             cum = torch.cumsum(s2, 0) / ref if ref > 0 else torch.ones_like(s2)
@@ -168,18 +180,23 @@ def lora_spec(src: AdapterSpec, ranks: dict[str, int]) -> LoRA:
     of ``ranks``, scale 1 everywhere (alpha None: alpha = rank), the source's bias mode,
     modules_to_save and dropout (if it has one)."""
     top = max(ranks.values())
-    kw = dict(rank=top, alpha=None, targets=[re.escape(p) for p in ranks],
-              rank_pattern={re.escape(p): r for p, r in ranks.items() if r != top},
-              bias=src.bias, modules_to_save=src.modules_to_save,
-              dropout=float(getattr(src, "dropout", 0.0)))
+    kw = dict(
+        rank=top,
+        alpha=None,
+        targets=[re.escape(p) for p in ranks],
+        rank_pattern={re.escape(p): r for p, r in ranks.items() if r != top},
+        bias=src.bias,
+        modules_to_save=src.modules_to_save,
+        dropout=float(getattr(src, "dropout", 0.0)),
+    )
     if isinstance(src, QLoRA):
-        return QLoRA(**kw, blocksize=src.blocksize, double_quant=src.double_quant,
-                     compute_dtype=src.compute_dtype)
+        return QLoRA(**kw, blocksize=src.blocksize, double_quant=src.double_quant, compute_dtype=src.compute_dtype)
     return LoRA(**kw)
 
 
-def lora_file(src: AdapterSpec, factors: dict[str, tuple], layers: dict[str, dict],
-              extras: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+def lora_file(
+    src: AdapterSpec, factors: dict[str, tuple], layers: dict[str, dict], extras: dict[str, torch.Tensor]
+) -> tuple[dict, dict]:
     """(tensors, metadata) of the converted adapter in the adaptkit file layout: ``factors``
     path -> (B, A); ``layers`` the source's layer table; ``extras`` trained biases /
     modules_to_save tensors, copied as they are."""
@@ -194,14 +211,19 @@ def lora_file(src: AdapterSpec, factors: dict[str, tuple], layers: dict[str, dic
         mod = q.rsplit(".", 1)[0] if "." in q else ""
         if mod not in table:
             table[mod] = layers.get(mod, {"method": "trained", "base": "unknown"})
-    meta = {"adaptkit.format": FORMAT, "adaptkit.version": _version(),
-            "adaptkit.spec": json.dumps(spec.to_dict()), "adaptkit.layers": json.dumps(table)}
+    meta = {
+        "adaptkit.format": FORMAT,
+        "adaptkit.version": _version(),
+        "adaptkit.spec": json.dumps(spec.to_dict()),
+        "adaptkit.layers": json.dumps(table),
+    }
     return tensors, meta
 
 
 # ---- in a model --------------------------------------------------------------------------
-def to_lora(model: nn.Module, name: str, rank: int | None = None, energy: float | None = None,
-            new_name: str | None = None) -> LoRAConversion:
+def to_lora(
+    model: nn.Module, name: str, rank: int | None = None, energy: float | None = None, new_name: str | None = None
+) -> LoRAConversion:
     """Add adapter ``new_name`` (default ``f"{name}_lora"``): a plain LoRA approximating adapter
     ``name`` by a truncated SVD of its update at every layer it adapts (see the module
     docstring). Give ``rank`` (fixed) or ``energy`` (per-layer ranks). The active set is kept
@@ -219,22 +241,28 @@ def to_lora(model: nn.Module, name: str, rank: int | None = None, energy: float 
     layers = [(p, layer) for p, layer in adapted_layers(model) if name in layer.adapters]
     merged = [p for p, layer in layers if layer.adapters[name].merged]
     if merged:
-        raise AdaptkitError(f"to_lora: adapter {name!r} is merged at {merged[:3]}; its update is "
-                            f"inside W there. Unmerge first (layer.unmerge(), or merge later)")
+        raise AdaptkitError(
+            f"to_lora: adapter {name!r} is merged at {merged[:3]}; its update is "
+            f"inside W there. Unmerge first (layer.unmerge(), or merge later)"
+        )
     tensors, table = adapter_tensors(model, name)
     own = {f"{p}.{k}" for p, layer in layers for k in layer.adapters[name].state_dict()}
     extras = {q: t for q, t in tensors.items() if q not in own}
     factors = {}
     with torch.no_grad():
         for p, layer in layers:
-            B, A, _ = low_rank(layer.to_2d(effective_delta(layer, name)), rank, energy, measure=False,
-                               where=f" at '{p}'")
+            B, A, _ = low_rank(
+                layer.to_2d(effective_delta(layer, name)), rank, energy, measure=False, where=f" at '{p}'"
+            )
             factors[p] = (B, A)
     if layers and _rewrites_base(src, {p: table[p] for p, _ in layers}):
-        warnings.warn(f"to_lora: adapter {name!r} ({src.method}) rewrote W when attached (a residual "
-                      f"init), so the LoRA is of its update on this model's residual W, not on the "
-                      f"original checkpoint; for a LoRA of the original base convert the adapter "
-                      f"file: python -m adaptkit convert FILE --to-lora --base BASE.safetensors", stacklevel=2)
+        warnings.warn(
+            f"to_lora: adapter {name!r} ({src.method}) rewrote W when attached (a residual "
+            f"init), so the LoRA is of its update on this model's residual W, not on the "
+            f"original checkpoint; for a LoRA of the original base convert the adapter "
+            f"file: python -m adaptkit convert FILE --to-lora --base BASE.safetensors",
+            stacklevel=2,
+        )
     out, meta = lora_file(src, factors, table, extras)
     active = list(st.active)
     with torch.random.fork_rng(devices=[]):  # building draws LoRA's init; the caller's RNG stays
@@ -269,8 +297,14 @@ def _rewrites_base(spec: AdapterSpec, table: dict[str, dict]) -> bool:
 
 
 # ---- from a file (the command line) --------------------------------------------------------
-def file_to_lora(tensors: dict, meta: dict, rank: int | None = None, energy: float | None = None,
-                 weight_of: Callable[[str], torch.Tensor] | None = None, where: str = "adapter"):
+def file_to_lora(
+    tensors: dict,
+    meta: dict,
+    rank: int | None = None,
+    energy: float | None = None,
+    weight_of: Callable[[str], torch.Tensor] | None = None,
+    where: str = "adapter",
+):
     """Convert an adaptkit file's adapter (tensors, metadata) without model code: per adapted
     path a stand-in layer of the recorded kind and shape is rebuilt, the adapter loaded as
     ``ak.load`` does (layer state, attach, tensors), and its update truncated. ``weight_of(path)``
@@ -294,13 +328,16 @@ def file_to_lora(tensors: dict, meta: dict, rank: int | None = None, energy: flo
             needs_base = layer.weight._version != v or not is_additive(a)
             if needs_base and w is None:
                 why = "rescales W's rows" if not is_additive(a) else "rewrites W when attached (a residual init)"
-                raise AdaptkitError(f"{where}: {type(src).__name__} {why}, so its update at '{p}' "
-                                    f"depends on the base weights; give them: --base BASE.safetensors")
+                raise AdaptkitError(
+                    f"{where}: {type(src).__name__} {why}, so its update at '{p}' "
+                    f"depends on the base weights; give them: --base BASE.safetensors"
+                )
             try:
                 a.load_state_dict({k: tensors[q] for k, q in keys.items()}, strict=True)
             except RuntimeError as e:  # torch's size-mismatch report
-                raise AdaptkitError(f"{where}: '{p}': the adapter's tensors do not fit its spec "
-                                    f"({' '.join(str(e).split())[:300]})") from None
+                raise AdaptkitError(
+                    f"{where}: '{p}': the adapter's tensors do not fit its spec ({' '.join(str(e).split())[:300]})"
+                ) from None
             delta = a.merge_weight(layer, layer.dense_weight()) - w0 if needs_base else a.delta_weight(layer)
             # the file's dtype: B and A are written in it
             dt = next((tensors[q].dtype for q in keys.values() if tensors[q].is_floating_point()), torch.float32)

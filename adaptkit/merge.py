@@ -4,6 +4,7 @@ Every merge accumulates in fp32 (PEFT pain #3: bf16 merged != unmerged) and is c
 NaN/inf on every layer *before* any weight changes, so a bad adapter cannot leave a model
 half-merged.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -27,8 +28,10 @@ def _check_finite(model: nn.Module) -> None:
         if not torch.isfinite(layer.dense_weight(names)).all():
             bad.append(f"'{path}' (adapters {names})")
     if bad:
-        raise AdaptkitError(f"merge: non-finite (NaN/inf) merged weight at {', '.join(bad)}; "
-                            f"nothing was merged. Inspect or retrain those adapters")
+        raise AdaptkitError(
+            f"merge: non-finite (NaN/inf) merged weight at {', '.join(bad)}; "
+            f"nothing was merged. Inspect or retrain those adapters"
+        )
 
 
 def merge(model: nn.Module, unload: bool = True, requantize: bool = False) -> nn.Module:
@@ -47,8 +50,10 @@ def merge(model: nn.Module, unload: bool = True, requantize: bool = False) -> nn
     st = state(model)
     layers = adapted_layers(model)
     if requantize and not (unload and any(not l.weight.is_floating_point() for _, l in layers)):
-        raise AdaptkitError("merge: requantize=True needs unload=True and a model with quantised "
-                            "(QLoRA / NF4) adapted layers; nothing was merged")
+        raise AdaptkitError(
+            "merge: requantize=True needs unload=True and a model with quantised "
+            "(QLoRA / NF4) adapted layers; nothing was merged"
+        )
     _check_finite(model)
     drift = {}
     for path, layer in layers:  # each layer's active set is the model's (or its own: MoRALinear)
@@ -63,10 +68,12 @@ def merge(model: nn.Module, unload: bool = True, requantize: bool = False) -> nn
                 drift[path] = new.requant_drift["max_rel_output"]
     if drift:
         worst = max(drift, key=drift.get)
-        warnings.warn(f"merge(requantize=True): re-quantising {len(drift)} merged layer(s) to NF4 "
-                      f"changed their outputs by up to {drift[worst]:.2%} (relative, at '{worst}'); "
-                      f"per layer: module.requant_drift or adaptkit.nf4.drift_report(model)",
-                      stacklevel=2)
+        warnings.warn(
+            f"merge(requantize=True): re-quantising {len(drift)} merged layer(s) to NF4 "
+            f"changed their outputs by up to {drift[worst]:.2%} (relative, at '{worst}'); "
+            f"per layer: module.requant_drift or adaptkit.nf4.drift_report(model)",
+            stacklevel=2,
+        )
     if unload and "_adaptkit" in model.__dict__:  # nothing injected: leave requires_grad alone
         for n, p in model.named_parameters():
             p.requires_grad_(st.frozen_from.get(n, True))

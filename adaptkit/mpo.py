@@ -42,6 +42,7 @@ remainder at that step, so ``||W - W_mpo||_F^2 = sum_k sum(spectra[k][r_{k+1}:]*
 fp32 / fp64 are computed in the given dtype; fp16 / bf16 are upcast to fp32 for the SVDs
 and the results are cast back. Every function keeps the input's device.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,9 +55,18 @@ from .errors import AdaptkitError
 from .kron import kron_sum
 
 __all__ = [
-    "balanced_factors", "mpo_shapes", "mpo_bond_dims", "mpo_num_params", "MPODecomposition",
-    "mpo_decompose", "mpo_reconstruct", "interleaved_unfolding", "mpo_bond_spectra",
-    "KronDecomposition", "kron_decompose", "kron_reconstruct",
+    "balanced_factors",
+    "mpo_shapes",
+    "mpo_bond_dims",
+    "mpo_num_params",
+    "MPODecomposition",
+    "mpo_decompose",
+    "mpo_reconstruct",
+    "interleaved_unfolding",
+    "mpo_bond_spectra",
+    "KronDecomposition",
+    "kron_decompose",
+    "kron_reconstruct",
 ]
 
 
@@ -73,8 +83,9 @@ def balanced_factors(dim: int, n: int) -> tuple[int, ...]:
     """
     for field, v in (("dim", dim), ("n", n)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise AdaptkitError(f"balanced_factors: {field} must be a positive int, got {v!r}; "
-                                f"pass e.g. balanced_factors(768, 3)")
+            raise AdaptkitError(
+                f"balanced_factors: {field} must be a positive int, got {v!r}; pass e.g. balanced_factors(768, 3)"
+            )
     small = [d for d in range(1, math.isqrt(dim) + 1) if dim % d == 0]
     divisors = sorted(set(small) | {dim // d for d in small})
     target = math.log(dim) / n
@@ -89,7 +100,7 @@ def balanced_factors(dim: int, n: int) -> tuple[int, ...]:
         for d in divisors:
             if d < lo or rem % d:
                 continue
-            if d ** k > rem:
+            if d**k > rem:
                 break
             yield from rec(rem // d, k - 1, d, prefix + (d,))
 
@@ -107,8 +118,9 @@ def mpo_shapes(out_features: int, in_features: int, n: int) -> tuple[tuple[int, 
     return balanced_factors(out_features, n), balanced_factors(in_features, n)
 
 
-def _check_shapes(owner: str, out_shape: Sequence[int], in_shape: Sequence[int],
-                  dims: tuple[int, int] | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def _check_shapes(
+    owner: str, out_shape: Sequence[int], in_shape: Sequence[int], dims: tuple[int, int] | None = None
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
     shapes = []
     for field, shape, k in (("out_shape", out_shape, 0), ("in_shape", in_shape, 1)):
         try:
@@ -116,30 +128,33 @@ def _check_shapes(owner: str, out_shape: Sequence[int], in_shape: Sequence[int],
         except TypeError:
             t = None
         if not t or any(isinstance(f, bool) or not isinstance(f, int) or f < 1 for f in t):
-            raise AdaptkitError(f"{owner}: {field} must be a non-empty sequence of positive ints, "
-                                f"got {shape!r}; use adaptkit.mpo.balanced_factors(dim, n)")
+            raise AdaptkitError(
+                f"{owner}: {field} must be a non-empty sequence of positive ints, "
+                f"got {shape!r}; use adaptkit.mpo.balanced_factors(dim, n)"
+            )
         if dims is not None and math.prod(t) != dims[k]:
             raise AdaptkitError(
                 f"{owner}: {field}={t} has product {math.prod(t)} but the matrix has "
                 f"{dims[k]} {'rows (out)' if k == 0 else 'columns (in)'}; the factors must "
                 f"multiply to {dims[k]}, e.g. balanced_factors({dims[k]}, {len(t)}) = "
-                f"{balanced_factors(dims[k], len(t))}")
+                f"{balanced_factors(dims[k], len(t))}"
+            )
         shapes.append(t)
     if len(shapes[0]) != len(shapes[1]):
-        raise AdaptkitError(f"{owner}: out_shape {shapes[0]} has {len(shapes[0])} factors but "
-                            f"in_shape {shapes[1]} has {len(shapes[1])}; both need the same number "
-                            f"n of factors (pad with 1s)")
+        raise AdaptkitError(
+            f"{owner}: out_shape {shapes[0]} has {len(shapes[0])} factors but "
+            f"in_shape {shapes[1]} has {len(shapes[1])}; both need the same number "
+            f"n of factors (pad with 1s)"
+        )
     return shapes[0], shapes[1]
 
 
 def _check_max_bond(owner: str, field: str, value: int | None) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise AdaptkitError(f"{owner}: {field} must be None (no truncation) or an int >= 1, "
-                            f"got {value!r}")
+        raise AdaptkitError(f"{owner}: {field} must be None (no truncation) or an int >= 1, got {value!r}")
 
 
-def mpo_bond_dims(out_shape: Sequence[int], in_shape: Sequence[int],
-                  max_bond: int | None = None) -> tuple[int, ...]:
+def mpo_bond_dims(out_shape: Sequence[int], in_shape: Sequence[int], max_bond: int | None = None) -> tuple[int, ...]:
     """Bond dimensions ``(r_0=1, r_1, ..., r_{n-1}, r_n=1)`` with
     ``r_k = min(prod_{j<k} o_j i_j, prod_{j>=k} o_j i_j[, max_bond])``
     (the same as ``matrix2mpo_plus.MPO.compute_rank``)."""
@@ -153,8 +168,7 @@ def mpo_bond_dims(out_shape: Sequence[int], in_shape: Sequence[int],
     return tuple(dims + [1])
 
 
-def mpo_num_params(out_shape: Sequence[int], in_shape: Sequence[int],
-                   max_bond: int | None = None) -> int:
+def mpo_num_params(out_shape: Sequence[int], in_shape: Sequence[int], max_bond: int | None = None) -> int:
     """Number of MPO parameters ``sum_k r_k * o_k * i_k * r_{k+1}`` (bond dims from
     :func:`mpo_bond_dims`; equals ``matrix2mpo_plus``'s ``calculate_total_mpo_param``)."""
     r = mpo_bond_dims(out_shape, in_shape, max_bond)
@@ -165,11 +179,15 @@ def mpo_num_params(out_shape: Sequence[int], in_shape: Sequence[int],
 def _check_matrix(owner: str, weight: torch.Tensor) -> None:
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
-        raise AdaptkitError(f"{owner}: weight must be a 2-D tensor (out, in), got {got}; "
-                            f"reshape it first (e.g. conv weights to (out, in*k*k))")
+        raise AdaptkitError(
+            f"{owner}: weight must be a 2-D tensor (out, in), got {got}; "
+            f"reshape it first (e.g. conv weights to (out, in*k*k))"
+        )
     if not weight.is_floating_point():
-        raise AdaptkitError(f"{owner}: weight must be a real floating tensor, got dtype "
-                            f"{weight.dtype}; cast it with .double() or .float()")
+        raise AdaptkitError(
+            f"{owner}: weight must be a real floating tensor, got dtype "
+            f"{weight.dtype}; cast it with .double() or .float()"
+        )
     if not bool(torch.isfinite(weight).all()):
         raise AdaptkitError(f"{owner}: weight contains NaN or Inf; the SVD needs finite values")
 
@@ -182,17 +200,17 @@ def _svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD ``m = U diag(S) Vh`` with deterministic signs: the largest-|.| entry of each
     column of U is made positive (the matching row of Vh flips with it)."""
     u, s, vh = torch.linalg.svd(m, full_matrices=False)  # u: (a, q), s: (q,), vh: (q, b)
-    idx = u.abs().argmax(dim=0)                           # (q,)
-    sign = torch.sign(u.gather(0, idx[None, :]))          # (1, q)
+    idx = u.abs().argmax(dim=0)  # (q,)
+    sign = torch.sign(u.gather(0, idx[None, :]))  # (1, q)
     sign = torch.where(sign == 0, torch.ones_like(sign), sign)
     return u * sign, s, vh * sign.T
 
 
 def _interleave(weight: torch.Tensor, o: tuple[int, ...], i: tuple[int, ...]) -> torch.Tensor:
     n = len(o)
-    t = weight.reshape(*o, *i)                            # (o_0..o_{n-1}, i_0..i_{n-1})
+    t = weight.reshape(*o, *i)  # (o_0..o_{n-1}, i_0..i_{n-1})
     perm = [x for k in range(n) for x in (k, n + k)]
-    return t.permute(*perm)                               # (o_0, i_0, o_1, i_1, ...)
+    return t.permute(*perm)  # (o_0, i_0, o_1, i_1, ...)
 
 
 # ---------------------------------------------------------------------------- MPO
@@ -201,12 +219,14 @@ class MPODecomposition(NamedTuple):
     values (descending) found at bond ``k+1`` before truncation. Untruncated, these are the
     singular values of the interleaved unfolding at that bond; with ``max_bond`` they are those
     of the remainder after the earlier truncations."""
+
     cores: list[torch.Tensor]
     spectra: list[torch.Tensor]
 
 
-def mpo_decompose(weight: torch.Tensor, out_shape: Sequence[int], in_shape: Sequence[int],
-                  max_bond: int | None = None) -> MPODecomposition:
+def mpo_decompose(
+    weight: torch.Tensor, out_shape: Sequence[int], in_shape: Sequence[int], max_bond: int | None = None
+) -> MPODecomposition:
     """MPO (tensor-train) decomposition of ``weight (out, in)`` into ``n = len(out_shape)``
     cores by left-to-right truncated SVDs (Gao et al. 2020; TT-SVD, Oseledets 2011).
 
@@ -228,14 +248,14 @@ def mpo_decompose(weight: torch.Tensor, out_shape: Sequence[int], in_shape: Sequ
     spectra: list[torch.Tensor] = []
     r = 1
     for k in range(n - 1):
-        m = rest.reshape(r * o[k] * i[k], -1)            # (r_k*o_k*i_k, prod_{j>k} o_j i_j)
-        u, s, vh = _svd(m)                               # (.., q), (q,), (q, ..)
+        m = rest.reshape(r * o[k] * i[k], -1)  # (r_k*o_k*i_k, prod_{j>k} o_j i_j)
+        u, s, vh = _svd(m)  # (.., q), (q,), (q, ..)
         r_next = s.numel() if max_bond is None else min(s.numel(), max_bond)
         cores.append(u[:, :r_next].reshape(r, o[k], i[k], r_next))  # (r_k, o_k, i_k, r_{k+1})
         spectra.append(s)
-        rest = s[:r_next, None] * vh[:r_next]            # (r_{k+1}, prod_{j>k} o_j i_j)
+        rest = s[:r_next, None] * vh[:r_next]  # (r_{k+1}, prod_{j>k} o_j i_j)
         r = r_next
-    cores.append(rest.reshape(r, o[-1], i[-1], 1))       # (r_{n-1}, o_{n-1}, i_{n-1}, 1)
+    cores.append(rest.reshape(r, o[-1], i[-1], 1))  # (r_{n-1}, o_{n-1}, i_{n-1}, 1)
     return MPODecomposition([c.to(out_dtype) for c in cores], [s.to(out_dtype) for s in spectra])
 
 
@@ -244,59 +264,68 @@ def mpo_reconstruct(cores: Sequence[torch.Tensor]) -> torch.Tensor:
     ``W[(o..), (i..)] = sum_a prod_k core_k[a_k, o_k, i_k, a_{k+1}]`` (row-major factor order,
     ``o_0`` slowest). Differentiable; works in the cores' dtype."""
     if not cores or any(not isinstance(c, torch.Tensor) or c.dim() != 4 for c in cores):
-        raise AdaptkitError("mpo_reconstruct: cores must be a non-empty sequence of 4-D tensors "
-                            "(r_k, o_k, i_k, r_{k+1}); pass mpo_decompose(...).cores")
+        raise AdaptkitError(
+            "mpo_reconstruct: cores must be a non-empty sequence of 4-D tensors "
+            "(r_k, o_k, i_k, r_{k+1}); pass mpo_decompose(...).cores"
+        )
     if cores[0].shape[0] != 1 or cores[-1].shape[-1] != 1:
-        raise AdaptkitError(f"mpo_reconstruct: the outer bonds must be 1, got r_0={cores[0].shape[0]}"
-                            f" and r_n={cores[-1].shape[-1]}; pass the full list of cores")
+        raise AdaptkitError(
+            f"mpo_reconstruct: the outer bonds must be 1, got r_0={cores[0].shape[0]}"
+            f" and r_n={cores[-1].shape[-1]}; pass the full list of cores"
+        )
     for k in range(len(cores) - 1):
         if cores[k].shape[-1] != cores[k + 1].shape[0]:
-            raise AdaptkitError(f"mpo_reconstruct: bond {k + 1} mismatch: cores[{k}] has r_{k + 1}="
-                                f"{cores[k].shape[-1]} but cores[{k + 1}] has {cores[k + 1].shape[0]}; "
-                                f"slice both sides of a truncated bond to the same size")
-    t = cores[0][0]                                      # (O=o_0, I=i_0, r_1)
+            raise AdaptkitError(
+                f"mpo_reconstruct: bond {k + 1} mismatch: cores[{k}] has r_{k + 1}="
+                f"{cores[k].shape[-1]} but cores[{k + 1}] has {cores[k + 1].shape[0]}; "
+                f"slice both sides of a truncated bond to the same size"
+            )
+    t = cores[0][0]  # (O=o_0, I=i_0, r_1)
     for c in cores[1:]:
         big_o, big_i = t.shape[0], t.shape[1]
-        t = torch.einsum("OIr,roiR->OoIiR", t, c)        # (O, o_k, I, i_k, r_{k+1})
+        t = torch.einsum("OIr,roiR->OoIiR", t, c)  # (O, o_k, I, i_k, r_{k+1})
         t = t.reshape(big_o * c.shape[1], big_i * c.shape[2], c.shape[3])  # (O*o_k, I*i_k, r_{k+1})
-    return t[..., 0]                                     # (out, in)
+    return t[..., 0]  # (out, in)
 
 
-def interleaved_unfolding(weight: torch.Tensor, out_shape: Sequence[int], in_shape: Sequence[int],
-                          bond: int) -> torch.Tensor:
+def interleaved_unfolding(
+    weight: torch.Tensor, out_shape: Sequence[int], in_shape: Sequence[int], bond: int
+) -> torch.Tensor:
     """The matrix ``(prod_{j<bond} o_j i_j, prod_{j>=bond} o_j i_j)`` of ``weight`` in the
     interleaved order ``(o_0,i_0,o_1,i_1,...)``, for ``1 <= bond <= n-1``."""
     _check_matrix("interleaved_unfolding", weight)
     o, i = _check_shapes("interleaved_unfolding", out_shape, in_shape, tuple(weight.shape))
     if isinstance(bond, bool) or not isinstance(bond, int) or not 1 <= bond <= len(o) - 1:
-        raise AdaptkitError(f"interleaved_unfolding: bond={bond!r} is out of range for "
-                            f"n={len(o)} factors; use 1 <= bond <= {len(o) - 1}")
+        raise AdaptkitError(
+            f"interleaved_unfolding: bond={bond!r} is out of range for "
+            f"n={len(o)} factors; use 1 <= bond <= {len(o) - 1}"
+        )
     left = math.prod(a * b for a, b in zip(o[:bond], i[:bond]))
     return _interleave(weight, o, i).reshape(left, -1)  # (prod_{j<bond} o_j i_j, rest)
 
 
-def mpo_bond_spectra(weight: torch.Tensor, out_shape: Sequence[int],
-                     in_shape: Sequence[int]) -> list[torch.Tensor]:
+def mpo_bond_spectra(weight: torch.Tensor, out_shape: Sequence[int], in_shape: Sequence[int]) -> list[torch.Tensor]:
     """Singular values (descending) of the interleaved unfolding at each bond 1..n-1, computed
     directly (these are the Schmidt values ``matrix2mpo_plus`` reports as ``lamda_set_value``)."""
     _check_matrix("mpo_bond_spectra", weight)
     o, i = _check_shapes("mpo_bond_spectra", out_shape, in_shape, tuple(weight.shape))
     w = weight.to(_compute_dtype(weight.dtype))
-    return [torch.linalg.svdvals(interleaved_unfolding(w, o, i, k)).to(weight.dtype)
-            for k in range(1, len(o))]
+    return [torch.linalg.svdvals(interleaved_unfolding(w, o, i, k)).to(weight.dtype) for k in range(1, len(o))]
 
 
 # ---------------------------------------------------------------------------- Kronecker split
 class KronDecomposition(NamedTuple):
     """``W ~= sum_k s[k] * torch.kron(a[k], b[k])``; ``a``: ``(r, o1, i1)``, ``b``:
     ``(r, o2, i2)``, ``s``: ``(r,)`` descending; each ``a[k]``, ``b[k]`` has unit Frobenius norm."""
+
     a: torch.Tensor
     b: torch.Tensor
     s: torch.Tensor
 
 
-def kron_decompose(weight: torch.Tensor, out_shape: Sequence[int], in_shape: Sequence[int],
-                   rank: int | None = None) -> KronDecomposition:
+def kron_decompose(
+    weight: torch.Tensor, out_shape: Sequence[int], in_shape: Sequence[int], rank: int | None = None
+) -> KronDecomposition:
     """Nearest sum of ``rank`` Kronecker products (Van Loan & Pitsianis 1993).
 
     For ``W (out, in)`` with ``out = o1*o2`` and ``in = i1*i2`` (``out_shape = (o1, o2)``,
@@ -314,20 +343,24 @@ def kron_decompose(weight: torch.Tensor, out_shape: Sequence[int], in_shape: Seq
     _check_matrix("kron_decompose", weight)
     o, i = _check_shapes("kron_decompose", out_shape, in_shape, tuple(weight.shape))
     if len(o) != 2:
-        raise AdaptkitError(f"kron_decompose: needs exactly 2 factors per side, got out_shape={o}, "
-                            f"in_shape={i}; use balanced_factors(dim, 2)")
+        raise AdaptkitError(
+            f"kron_decompose: needs exactly 2 factors per side, got out_shape={o}, "
+            f"in_shape={i}; use balanced_factors(dim, 2)"
+        )
     (o1, o2), (i1, i2) = o, i
     limit = min(o1 * i1, o2 * i2)
     _check_max_bond("kron_decompose", "rank", rank)
     if rank is not None and rank > limit:
-        raise AdaptkitError(f"kron_decompose: rank={rank} exceeds min(o1*i1, o2*i2)={limit} for "
-                            f"out_shape={o}, in_shape={i}; use rank <= {limit}")
+        raise AdaptkitError(
+            f"kron_decompose: rank={rank} exceeds min(o1*i1, o2*i2)={limit} for "
+            f"out_shape={o}, in_shape={i}; use rank <= {limit}"
+        )
     r = limit if rank is None else rank
     w = weight.to(_compute_dtype(weight.dtype))
     m = _interleave(w, o, i).reshape(o1 * i1, o2 * i2)  # (o1, i1, o2, i2) -> (o1*i1, o2*i2)
-    u, s, vh = _svd(m)                                   # (o1*i1, q), (q,), (q, o2*i2)
-    a = u[:, :r].T.reshape(r, o1, i1)                     # (r, o1*i1) -> (r, o1, i1)
-    b = vh[:r].reshape(r, o2, i2)                         # (r, o2*i2) -> (r, o2, i2)
+    u, s, vh = _svd(m)  # (o1*i1, q), (q,), (q, o2*i2)
+    a = u[:, :r].T.reshape(r, o1, i1)  # (r, o1*i1) -> (r, o1, i1)
+    b = vh[:r].reshape(r, o2, i2)  # (r, o2*i2) -> (r, o2, i2)
     dt = weight.dtype
     return KronDecomposition(a.to(dt), b.to(dt), s[:r].to(dt))
 
@@ -337,9 +370,11 @@ def kron_reconstruct(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor | None = 
     ``s: (r,)`` (all ones if None); result ``(o1*o2, i1*i2)``, one GEMM
     (``adaptkit.kron.kron_sum``). Differentiable."""
     if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or (s is not None and s.shape != a.shape[:1]):
-        raise AdaptkitError(f"kron_reconstruct: expected a (r, o1, i1), b (r, o2, i2), s (r,), got "
-                            f"{tuple(a.shape)}, {tuple(b.shape)}, "
-                            f"{None if s is None else tuple(s.shape)}; use kron_decompose(...) outputs")
+        raise AdaptkitError(
+            f"kron_reconstruct: expected a (r, o1, i1), b (r, o2, i2), s (r,), got "
+            f"{tuple(a.shape)}, {tuple(b.shape)}, "
+            f"{None if s is None else tuple(s.shape)}; use kron_decompose(...) outputs"
+        )
     if s is not None:
-        a = a * s[:, None, None]                         # (r, o1, i1)
-    return kron_sum(a, b)                                # (o1*o2, i1*i2)
+        a = a * s[:, None, None]  # (r, o1, i1)
+    return kron_sum(a, b)  # (o1*o2, i1*i2)

@@ -35,31 +35,17 @@ table plus one comparison (``_build_lut``), exact and ~6x faster than ``torch.bu
 The 8-bit dynamic map and its search live in :mod:`adaptkit.nf4_nested`; matmuls against an
 NF4 weight that never hold the dense weight live in :mod:`adaptkit.nf4_matmul`.
 """
-from __future__ import annotations
 
-import json
-import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+from __future__ import annotations
 
 import numpy as np
 import torch
 
 from .errors import AdaptkitError
 from .nf4_nested import DYN_MID, DYNAMIC_CODE, blockwise_index
+from .nf4_state import NF4_CODE, NF4State, _check_blocksize, _on
 
 __all__ = ["NF4_CODE", "DYNAMIC_CODE", "NF4State", "quantize_nf4", "dequantize_nf4"]
-
-# The 16 NF4 values exactly as bitsandbytes has them (create_normal_map(offset=0.9677083),
-# normalised to max 1): 7 negatives, zero at index 7, 8 positives.
-NF4_CODE = torch.tensor(
-    [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-     -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0],
-    dtype=torch.float32,
-)
-
 
 # Decision midpoints in fp32, exactly as bnb computes them: an index is #{midpoints < x}.
 _NF4_MID = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
@@ -91,12 +77,10 @@ def _build_lut(steps: int = 11):
 _LUT_STEPS, _LUT_BASE, _LUT_THR = _build_lut()
 _CHUNK = 1 << 18  # elements per chunk: 1 MiB of fp32; fewer, larger ops measured best (2^16..2^20)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 _HUGE = 4 << 20  # bytes from which CPU outputs are allocated through numpy
-_NP = {torch.float32: np.float32, torch.float16: np.uint16, torch.bfloat16: np.uint16,
-       torch.uint8: np.uint8}
+_NP = {torch.float32: np.float32, torch.float16: np.uint16, torch.bfloat16: np.uint16, torch.uint8: np.uint8}
 
 
 def _alloc(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -110,17 +94,6 @@ def _alloc(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 _B = torch.arange(256)
 _PAIRS = torch.stack([NF4_CODE[_B >> 4], NF4_CODE[_B & 15]], 1).view(torch.int64).reshape(256)
-_TABLES: dict = {}  # (name, device) -> the table there: no host-to-device copy per call
-
-
-def _on(name: str, table: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``table`` on ``device``, copied once per device (not while torch.compile traces)."""
-    if torch.compiler.is_compiling() or device.type == "cpu":
-        return table.to(device)
-    key = (name, device)
-    if key not in _TABLES:
-        _TABLES[key] = table.to(device)
-    return _TABLES[key]
 
 
 def _pair_table(device: torch.device) -> torch.Tensor:
@@ -128,123 +101,9 @@ def _pair_table(device: torch.device) -> torch.Tensor:
     return _on("pairs", _PAIRS, device)  # [256, 2] fp32 viewed as [256] int64
 
 
-@dataclass
-class NF4State:
-    """What :func:`dequantize_nf4` needs besides the packed bytes.
-
-    absmax: fp32 ``[ceil(n/blocksize)]``, or uint8 codes into ``DYNAMIC_CODE`` when double
-    quantised; nested_absmax: fp32 ``[ceil(nblocks/nested_blocksize)]`` or None; offset: fp32
-    0-d tensor or None; shape / dtype: of the original weight.
-    """
-
-    absmax: torch.Tensor
-    shape: torch.Size
-    dtype: torch.dtype
-    blocksize: int = 64
-    nested_absmax: torch.Tensor | None = None
-    offset: torch.Tensor | None = None
-    nested_blocksize: int = 256
-
-    @property
-    def double_quant(self) -> bool:
-        return self.nested_absmax is not None
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    def block_absmax(self) -> torch.Tensor:
-        """fp32 absmax per block, ``DYNAMIC_CODE[q8]·nested_absmax + offset`` if nested."""
-        if not self.double_quant:
-            return self.absmax
-        code = _on("dynamic", DYNAMIC_CODE, self.absmax.device)[self.absmax.long()]  # [nblocks]
-        nb = self.nested_blocksize
-        full = code.numel() // nb * nb
-        out = torch.empty_like(code)  # [nblocks]; bnb multiplies in fp32, then adds offset
-        # [nested blocks, nb] * [nested blocks, 1] -> [nested blocks, nb]
-        out[:full].view(-1, nb).copy_(code[:full].view(-1, nb) * self.nested_absmax[: full // nb, None])
-        out[full:] = code[full:] * self.nested_absmax[full // nb:]  # partial nested block
-        return out.add_(self.offset)
-
-    def to_tensors(self, prefix: str = "weight") -> dict[str, torch.Tensor]:
-        """Tensors under bitsandbytes' ``QuantState.as_dict(packed=True)`` key names.
-
-        ``{prefix}.absmax``, ``{prefix}.quant_map`` and, if nested, ``{prefix}.nested_absmax``,
-        ``{prefix}.nested_quant_map``; the scalars travel as UTF-8 JSON bytes in
-        ``{prefix}.quant_state.bitsandbytes__nf4``. The packed weight itself goes under
-        ``{prefix}`` (bnb stores it as ``[ceil(n/2), 1]``).
-        """
-        meta = {"quant_type": "nf4", "blocksize": self.blocksize,
-                "dtype": _DTYPE_NAMES[self.dtype], "shape": list(self.shape)}
-        out = {f"{prefix}.absmax": self.absmax, f"{prefix}.quant_map": NF4_CODE.clone()}
-        if self.double_quant:
-            meta.update(nested_blocksize=self.nested_blocksize, nested_dtype="float32",
-                        nested_offset=float(self.offset))
-            out[f"{prefix}.nested_absmax"] = self.nested_absmax
-            out[f"{prefix}.nested_quant_map"] = DYNAMIC_CODE.clone()
-        out[f"{prefix}.quant_state.bitsandbytes__nf4"] = torch.tensor(
-            list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
-        return out
-
-    @classmethod
-    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], prefix: str = "weight") -> NF4State:
-        """Inverse of :meth:`to_tensors`; validates keys, maps and sizes (reads bnb files too)."""
-        def need(key: str) -> torch.Tensor:
-            if key not in tensors:
-                raise AdaptkitError(f"NF4: missing tensor '{key}' (have {sorted(tensors)[:8]}); "
-                                    f"was it saved with NF4State.to_tensors(prefix='{prefix}')?")
-            return tensors[key]
-
-        try:
-            meta = json.loads(bytes(need(f"{prefix}.quant_state.bitsandbytes__nf4").cpu().tolist()))
-            shape, bs, dtype = torch.Size(meta["shape"]), int(meta["blocksize"]), meta["dtype"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise AdaptkitError(f"NF4: unreadable quant_state JSON under '{prefix}': {e}") from None
-        if meta.get("quant_type") != "nf4":
-            raise AdaptkitError(f"NF4: quant_type={meta.get('quant_type')!r} at '{prefix}', expected 'nf4'")
-        names = {v: k for k, v in _DTYPE_NAMES.items()}
-        if dtype not in names:
-            raise AdaptkitError(f"NF4: dtype={dtype!r} at '{prefix}', expected one of {sorted(names)}")
-        if not torch.equal(need(f"{prefix}.quant_map").float().cpu(), NF4_CODE):
-            raise AdaptkitError(f"NF4: '{prefix}.quant_map' is not the NF4 codebook")
-        nested = f"{prefix}.nested_absmax" in tensors
-        state = cls(absmax=need(f"{prefix}.absmax"), shape=shape, dtype=names[dtype], blocksize=bs)
-        if nested:
-            if not torch.equal(need(f"{prefix}.nested_quant_map").float().cpu(), DYNAMIC_CODE):
-                raise AdaptkitError(f"NF4: '{prefix}.nested_quant_map' is not the dynamic map")
-            state.nested_absmax = tensors[f"{prefix}.nested_absmax"].float()
-            state.nested_blocksize = int(meta.get("nested_blocksize", 256))
-            state.offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32,
-                                        device=state.absmax.device)
-        state.validate(where=f"'{prefix}'")
-        return state
-
-    def validate(self, where: str = "NF4State") -> None:
-        """Raise AdaptkitError unless dtypes and sizes agree with shape and blocksizes."""
-        _check_blocksize(self.blocksize, "blocksize")
-        nblocks = -(-self.numel // self.blocksize)
-        want = torch.uint8 if self.double_quant else torch.float32
-        if self.absmax.dtype != want or self.absmax.numel() != nblocks:
-            raise AdaptkitError(
-                f"NF4: absmax at {where} is {self.absmax.dtype}[{self.absmax.numel()}], expected "
-                f"{want}[{nblocks}] for shape {tuple(self.shape)} and blocksize {self.blocksize}")
-        if self.double_quant:
-            _check_blocksize(self.nested_blocksize, "nested_blocksize")
-            nn_ = -(-nblocks // self.nested_blocksize)
-            if self.nested_absmax.numel() != nn_ or self.offset is None or self.offset.numel() != 1:
-                raise AdaptkitError(
-                    f"NF4: nested_absmax at {where} has {self.nested_absmax.numel()} values, expected "
-                    f"{nn_} (= ceil({nblocks}/{self.nested_blocksize})) plus a scalar offset")
-
-
-def _check_blocksize(bs, name: str) -> None:
-    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 2 or bs % 2:
-        raise AdaptkitError(f"NF4: {name}={bs!r} is invalid; use a positive even integer "
-                            f"(bitsandbytes uses 64 for weights and 256 for nested absmax)")
-
-
-def _nf4_index(s: torch.Tensor, lut, k: torch.Tensor, kf: torch.Tensor, thr: torch.Tensor,
-               gt: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def _nf4_index(
+    s: torch.Tensor, lut, k: torch.Tensor, kf: torch.Tensor, thr: torch.Tensor, gt: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
     """NF4 indices ``#{midpoints < s}`` of scaled values ``s`` into uint8 ``out`` via the
     look-up table ``lut = (steps, base, thr)`` (already on s.device); k / kf / thr / gt are
     scratch buffers with s's numel."""
@@ -258,8 +117,9 @@ def _nf4_index(s: torch.Tensor, lut, k: torch.Tensor, kf: torch.Tensor, thr: tor
     return out.add_(gt)
 
 
-def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
-                 nested_blocksize: int = 256) -> tuple[torch.Tensor, NF4State]:
+def quantize_nf4(
+    w: torch.Tensor, blocksize: int = 64, double_quant: bool = True, nested_blocksize: int = 256
+) -> tuple[torch.Tensor, NF4State]:
     """Quantise ``w`` (fp32 / fp16 / bf16, any shape, ``n`` elements) to NF4.
 
     Returns ``packed`` uint8 ``[ceil(n/2)]`` (first element in the high nibble) and an
@@ -269,8 +129,9 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     """
     if not isinstance(w, torch.Tensor) or w.dtype not in _FLOAT_DTYPES:
         got = w.dtype if isinstance(w, torch.Tensor) else type(w).__name__
-        raise AdaptkitError(f"NF4: cannot quantise a {got} tensor; expected float32, float16 "
-                            f"or bfloat16 (cast with .float() first)")
+        raise AdaptkitError(
+            f"NF4: cannot quantise a {got} tensor; expected float32, float16 or bfloat16 (cast with .float() first)"
+        )
     _check_blocksize(blocksize, "blocksize")
     if double_quant:
         _check_blocksize(nested_blocksize, "nested_blocksize")
@@ -296,7 +157,7 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
         for b0 in range(0, nfull, per):  # loop over chunks of `per` blocks, not elements
             b1 = min(b0 + per, nfull)
             m = (b1 - b0) * bs
-            x = flat[b0 * bs: b1 * bs]
+            x = flat[b0 * bs : b1 * bs]
             if xbuf is not None:  # fp16/bf16 -> fp32 is exact
                 x = xbuf[:m].copy_(x)
             xb = x.view(-1, bs)  # [blocks, bs]
@@ -306,16 +167,18 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
             recip = 1.0 / am.clamp(min=1e-38)
             sv = torch.mul(xb, recip[:, None], out=s[:m].view(-1, bs)).view(-1)  # [m]
             q = _nf4_index(sv, lut, k[:m], kf[:m], thr[:m], gt[:m], idx[:m]).view(-1, 2)  # [m/2, 2]
-            torch.add(q[:, 1], q[:, 0], alpha=16, out=packed[b0 * bs // 2: b1 * bs // 2])
+            torch.add(q[:, 1], q[:, 0], alpha=16, out=packed[b0 * bs // 2 : b1 * bs // 2])
     if nfull * bs < n:  # partial tail block: bnb divides here; pad an odd count with 0 (-> 7)
-        tail = flat[nfull * bs:].float()
+        tail = flat[nfull * bs :].float()
         q, am = blockwise_index(tail, _NF4_MID, bs)  # all tail: division rule
         absmax[-1] = am[0]
         q = torch.cat([q, q.new_full((len(q) % 2,), 7)]).view(-1, 2)  # [ceil(r/2), 2]
-        packed[nfull * bs // 2:] = (q[:, 0] * 16 + q[:, 1]).to(torch.uint8)
+        packed[nfull * bs // 2 :] = (q[:, 0] * 16 + q[:, 1]).to(torch.uint8)
     if not torch.isfinite(absmax).all():
-        raise AdaptkitError(f"NF4: the tensor of shape {tuple(w.shape)} holds inf or NaN; "
-                            f"NF4 scales by the block absmax and needs finite values")
+        raise AdaptkitError(
+            f"NF4: the tensor of shape {tuple(w.shape)} holds inf or NaN; "
+            f"NF4 scales by the block absmax and needs finite values"
+        )
     state = NF4State(absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=bs)
     if double_quant:
         # fp32 scalar, as bnb (same torch reduction), always on the CPU: CUDA sums in another
@@ -327,8 +190,9 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     return packed, state
 
 
-def decode_blocks(p: torch.Tensor, a: torch.Tensor, out: torch.Tensor, pairs: torch.Tensor,
-                  k: torch.Tensor, buf: torch.Tensor | None) -> torch.Tensor:
+def decode_blocks(
+    p: torch.Tensor, a: torch.Tensor, out: torch.Tensor, pairs: torch.Tensor, k: torch.Tensor, buf: torch.Tensor | None
+) -> torch.Tensor:
     """Dequantise whole blocks, row by row: bytes ``p`` uint8 ``[R, m/2]`` (rows may be
     strided, e.g. a column slice of a ``[out, in/2]`` view), block absmax ``a`` fp32
     ``[R, m/blocksize]``, into contiguous ``out`` ``[R, m]`` (fp32 / fp16 / bf16). ``k``: int32
@@ -345,8 +209,7 @@ def decode_blocks(p: torch.Tensor, a: torch.Tensor, out: torch.Tensor, pairs: to
     return out
 
 
-def dequantize_nf4(packed: torch.Tensor, state: NF4State,
-                   dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Inverse of :func:`quantize_nf4`: ``NF4_CODE[nibble] · absmax`` in fp32, then one cast.
 
     ``packed``: uint8 with ``ceil(n/2)`` elements (any shape, e.g. bnb's ``[ceil(n/2), 1]``).
@@ -359,8 +222,10 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State,
     state.validate()
     n, bs = state.numel, state.blocksize
     if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
-        raise AdaptkitError(f"NF4: packed weight is {packed.dtype}[{packed.numel()}], expected "
-                            f"uint8[{(n + 1) // 2}] for shape {tuple(state.shape)}")
+        raise AdaptkitError(
+            f"NF4: packed weight is {packed.dtype}[{packed.numel()}], expected "
+            f"uint8[{(n + 1) // 2}] for shape {tuple(state.shape)}"
+        )
     dev = packed.device
     pb = packed.reshape(-1)  # [ceil(n/2)]
     absmax = state.block_absmax().to(dev)  # [nblocks] fp32
@@ -375,23 +240,35 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State,
         for b0 in range(0, nfull, per):  # loop over chunks of `per` blocks
             b1 = min(b0 + per, nfull)
             # [1, m/2] bytes, [1, blocks] absmax -> [1, m] of out
-            decode_blocks(pb[b0 * bs // 2: b1 * bs // 2].view(1, -1), absmax[b0:b1].view(1, -1),
-                          out[b0 * bs: b1 * bs].view(1, -1), pairs, k, buf)
+            decode_blocks(
+                pb[b0 * bs // 2 : b1 * bs // 2].view(1, -1),
+                absmax[b0:b1].view(1, -1),
+                out[b0 * bs : b1 * bs].view(1, -1),
+                pairs,
+                k,
+                buf,
+            )
     if nfull * bs < n:  # partial tail block
         # [ceil(r/2)] int64 -> [2·ceil(r/2)] fp32 codes -> the first r
-        tail = pairs[pb[nfull * bs // 2:].long()].view(torch.float32)[: n - nfull * bs]
-        out[nfull * bs:] = tail * absmax[-1]
+        tail = pairs[pb[nfull * bs // 2 :].long()].view(torch.float32)[: n - nfull * bs]
+        out[nfull * bs :] = tail * absmax[-1]
     return out.view(state.shape)  # [n] -> original shape
 
 
 # The model-level NF4 API (adaptkit.nf4.NF4Linear / quantize / save / load / drift_report)
 # lives in nf4_linear.py and nf4_io.py, which import this kernel module: loaded lazily.
-_MODEL_API = {"NF4Linear": "nf4_linear", "quantize": "nf4_io", "save": "nf4_io",
-              "load": "nf4_io", "drift_report": "nf4_io"}
+_MODEL_API = {
+    "NF4Linear": "nf4_linear",
+    "quantize": "nf4_io",
+    "save": "nf4_io",
+    "load": "nf4_io",
+    "drift_report": "nf4_io",
+}
 
 
 def __getattr__(name: str):
     if name in _MODEL_API:
         import importlib
+
         return getattr(importlib.import_module(f"adaptkit.{_MODEL_API[name]}"), name)
     raise AttributeError(f"module 'adaptkit.nf4' has no attribute {name!r}")

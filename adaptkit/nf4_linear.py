@@ -31,6 +31,7 @@ forward, so unmerge is exact. ``ak.merge(model)`` returns a dense ``nn.Linear`` 
 dtype (deq(W) + delta summed in fp32), never a silently re-quantised one (PEFT's moves outputs
 ~10%); ``requantize=True`` re-quantises and records the drift (``requant_drift``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -50,13 +51,16 @@ _STATE = ("absmax", "nested_absmax", "offset")
 def check_settings(owner: str, blocksize, double_quant, compute_dtype) -> None:
     """The NF4 settings shared by ak.QLoRA and adaptkit.nf4.quantize."""
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 2 or blocksize % 2:
-        raise AdaptkitError(f"{owner}: blocksize={blocksize!r} must be a positive even int; "
-                            f"QLoRA and bitsandbytes use blocksize=64")
+        raise AdaptkitError(
+            f"{owner}: blocksize={blocksize!r} must be a positive even int; QLoRA and bitsandbytes use blocksize=64"
+        )
     if not isinstance(double_quant, bool):
         raise AdaptkitError(f"{owner}: double_quant must be a bool, got {double_quant!r}")
     if compute_dtype is not None and compute_dtype not in DTYPES:
-        raise AdaptkitError(f"{owner}: compute_dtype={compute_dtype!r} is not one of "
-                            f"{[None, *DTYPES]}; None keeps the weight's dtype, QLoRA uses 'bfloat16'")
+        raise AdaptkitError(
+            f"{owner}: compute_dtype={compute_dtype!r} is not one of "
+            f"{[None, *DTYPES]}; None keeps the weight's dtype, QLoRA uses 'bfloat16'"
+        )
 
 
 class _NF4LinearFn(torch.autograd.Function):
@@ -72,8 +76,11 @@ class _NF4LinearFn(torch.autograd.Function):
     def backward(ctx, g):
         layer, gx = ctx.layer, None  # autocast may have run the forward in g's dtype:
         if ctx.needs_input_grad[0]:  # g (..., out) @ W (out, in), W cast as autocast did
-            gx = (nf4_matmul.grad_input(g, layer.weight, layer.state(), g.dtype) if g.dtype ==
-                  layer.compute_dtype else g @ layer.dequantize().to(g.dtype))
+            gx = (
+                nf4_matmul.grad_input(g, layer.weight, layer.state(), g.dtype)
+                if g.dtype == layer.compute_dtype
+                else g @ layer.dequantize().to(g.dtype)
+            )
         gb = g.reshape(-1, g.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None  # (out,)
         return gx, gb, None
 
@@ -101,10 +108,19 @@ class NF4Linear(nn.Linear):
     ``weight``, which it quantises with this layer's settings.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 blocksize: int = 64, double_quant: bool = True, nested_blocksize: int = 256,
-                 dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype | None = None,
-                 device=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        nested_blocksize: int = 256,
+        dtype: torch.dtype = torch.float32,
+        compute_dtype: torch.dtype | None = None,
+        device=None,
+    ):
         nn.Module.__init__(self)  # not nn.Linear.__init__: no dense weight is ever allocated
         check_settings("NF4Linear", blocksize, double_quant, None)
         self.in_features, self.out_features = int(in_features), int(out_features)
@@ -120,15 +136,30 @@ class NF4Linear(nn.Linear):
         self.register_parameter("bias", nn.Parameter(torch.zeros(out_features, dtype=dtype, **kw)) if bias else None)
 
     @classmethod
-    def from_weight(cls, w: torch.Tensor, bias: nn.Parameter | None = None, *, blocksize: int = 64,
-                    double_quant: bool = True, nested_blocksize: int = 256,
-                    compute_dtype: torch.dtype | None = None) -> NF4Linear:
+    def from_weight(
+        cls,
+        w: torch.Tensor,
+        bias: nn.Parameter | None = None,
+        *,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        nested_blocksize: int = 256,
+        compute_dtype: torch.dtype | None = None,
+    ) -> NF4Linear:
         """Quantise a dense (out, in) weight (deterministic: same bytes every time); ``bias``
         is taken over as it is (same Parameter)."""
         packed, st = quantize_nf4(w.detach(), blocksize, double_quant, nested_blocksize)
-        q = cls(w.shape[1], w.shape[0], bias=False, blocksize=blocksize, double_quant=double_quant,
-                nested_blocksize=nested_blocksize, dtype=w.dtype, compute_dtype=compute_dtype,
-                device="meta")
+        q = cls(
+            w.shape[1],
+            w.shape[0],
+            bias=False,
+            blocksize=blocksize,
+            double_quant=double_quant,
+            nested_blocksize=nested_blocksize,
+            dtype=w.dtype,
+            compute_dtype=compute_dtype,
+            device="meta",
+        )
         q.weight, q.absmax, q.nested_absmax, q.offset = packed, st.absmax, st.nested_absmax, st.offset
         q.register_parameter("bias", bias)
         return q
@@ -144,10 +175,15 @@ class NF4Linear(nn.Linear):
         return self.nested_absmax is not None
 
     def state(self) -> NF4State:
-        return NF4State(absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)),
-                        dtype=self.weight_dtype, blocksize=self.blocksize,
-                        nested_absmax=self.nested_absmax, offset=self.offset,
-                        nested_blocksize=self.nested_blocksize)
+        return NF4State(
+            absmax=self.absmax,
+            shape=torch.Size((self.out_features, self.in_features)),
+            dtype=self.weight_dtype,
+            blocksize=self.blocksize,
+            nested_absmax=self.nested_absmax,
+            offset=self.offset,
+            nested_blocksize=self.nested_blocksize,
+        )
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense (out, in) weight in ``dtype`` (default: the compute dtype)."""
@@ -157,9 +193,11 @@ class NF4Linear(nn.Linear):
         return nf4_forward(self, x, self.bias)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, nf4 blocksize={self.blocksize}, "
-                f"double_quant={self.double_quant}, compute_dtype={DTYPE_NAMES.get(self.compute_dtype)}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, nf4 blocksize={self.blocksize}, "
+            f"double_quant={self.double_quant}, compute_dtype={DTYPE_NAMES.get(self.compute_dtype)}"
+        )
 
     def _apply(self, fn, recurse=True):
         # .to(dtype) / .half() cast floating buffers; the fp32 quantisation state must stay
@@ -173,25 +211,29 @@ class NF4Linear(nn.Linear):
             for k in hide:
                 self._buffers[k] = self._buffers[k].view(torch.float32)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         w = state_dict.get(prefix + "weight")
         if isinstance(w, torch.Tensor) and w.is_floating_point():
             shape = (self.out_features, self.in_features)
             if tuple(w.shape) != shape:
-                error_msgs.append(f"size mismatch for {prefix}weight: float checkpoint weight "
-                                  f"{tuple(w.shape)}, NF4 layer is {shape}")
+                error_msgs.append(
+                    f"size mismatch for {prefix}weight: float checkpoint weight {tuple(w.shape)}, NF4 layer is {shape}"
+                )
                 return
             # a float checkpoint of the base: quantise it exactly as inject does
-            packed, st = quantize_nf4(w.to(self.weight.device), self.blocksize, self.double_quant,
-                                      self.nested_blocksize)
+            packed, st = quantize_nf4(
+                w.to(self.weight.device), self.blocksize, self.double_quant, self.nested_blocksize
+            )
             state_dict = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
             state_dict[prefix + "weight"] = packed
             for k in _STATE:
                 if getattr(st, k) is not None:
                     state_dict[prefix + k] = getattr(st, k)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
 
 @register_base
@@ -255,11 +297,15 @@ class NF4Base(LinearBase):
             return self._dense(layer)
         if m is None:
             return super().unwrap(layer)
-        q = NF4Linear.from_weight(m, _bias(layer, layer.weight_dtype), blocksize=layer.blocksize,
-                                  double_quant=layer.double_quant, compute_dtype=layer.compute_dtype,
-                                  nested_blocksize=layer.nested_blocksize).train(layer.training)
-        q.requant_drift = requant_drift(m, q.dequantize(torch.float32),
-                                        layer.dequantize(torch.float32))
+        q = NF4Linear.from_weight(
+            m,
+            _bias(layer, layer.weight_dtype),
+            blocksize=layer.blocksize,
+            double_quant=layer.double_quant,
+            compute_dtype=layer.compute_dtype,
+            nested_blocksize=layer.nested_blocksize,
+        ).train(layer.training)
+        q.requant_drift = requant_drift(m, q.dequantize(torch.float32), layer.dequantize(torch.float32))
         return q
 
     def _dense(self, layer) -> nn.Linear:
@@ -295,5 +341,4 @@ def requant_drift(w: torch.Tensor, wq: torch.Tensor, w0: torch.Tensor) -> dict[s
     err = x @ wq.t() - y
     upd = (y - x @ w0.t()).norm()
     rel = (err.norm(dim=1) / y.norm(dim=1).clamp_min(1e-30)).max()
-    return {"max_rel_output": float(rel),
-            "vs_update": float(err.norm() / upd) if upd > tiny * y.norm() else None}
+    return {"max_rel_output": float(rel), "vs_update": float(err.norm() / upd) if upd > tiny * y.norm() else None}

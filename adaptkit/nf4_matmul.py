@@ -38,6 +38,7 @@ vectorise table gathers, so the 16-entry NF4 look-up is a select tree on the 4 i
 ~2.5 ms for 4096x4096 on 2 cores (bitsandbytes' hand-written kernel does the look-up with
 one AVX-512 permute per 16 values: ~0.4 ms).
 """
+
 from __future__ import annotations
 
 import os
@@ -50,15 +51,15 @@ from .nf4 import DYNAMIC_CODE, NF4_CODE, NF4State, _pair_table, decode_blocks, d
 
 __all__ = ["linear", "grad_input", "use_compile", "GEMV_TOKENS", "GRAD_ROW_TOKENS", "MAX_TOKENS"]
 
-GEMV_TOKENS = 2       # rows of x up to which the fused GEMV runs (one pass over W per row)
-GRAD_ROW_TOKENS = 4   # rows of g up to which the backward accumulates row chunks in fp32
-MAX_TOKENS = 1024     # above this the matmul dominates and the plain dense path is as fast
-_CHUNK = 1 << 20      # elements of W decoded per chunk (4 MiB fp32): cache-resident, few calls
-_MAX_KEYS = 6         # compiled layouts, below dynamo's recompile limit (8)
+GEMV_TOKENS = 2  # rows of x up to which the fused GEMV runs (one pass over W per row)
+GRAD_ROW_TOKENS = 4  # rows of g up to which the backward accumulates row chunks in fp32
+MAX_TOKENS = 1024  # above this the matmul dominates and the plain dense path is as fast
+_CHUNK = 1 << 20  # elements of W decoded per chunk (4 MiB fp32): cache-resident, few calls
+_MAX_KEYS = 6  # compiled layouts, below dynamo's recompile limit (8)
 
 _COMPILE = [os.environ.get("ADAPTKIT_NF4_COMPILE", "1") != "0"]  # [enabled]
-_KERNEL: list = []    # [the compiled GEMV], made on first use
-_KEYS: set = set()    # layouts compiled so far
+_KERNEL: list = []  # [the compiled GEMV], made on first use
+_KEYS: set = set()  # layouts compiled so far
 _CODE = [float(c) for c in NF4_CODE]
 _DYN = DYNAMIC_CODE.clone()  # (256,) fp32, a constant of the compiled kernel
 
@@ -69,6 +70,7 @@ def use_compile(enabled: bool) -> None:
 
 
 # ---------------------------------------------------------------- the compiled GEMV (inductor)
+
 
 def _code(q: torch.Tensor) -> torch.Tensor:
     """``NF4_CODE[q]`` for int32 ``q`` in [0, 16): a select tree on q's 4 bits, 16 -> 8 -> 4
@@ -91,9 +93,16 @@ def _round(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return ((b + (0x7FFF + ((b >> 16) & 1))) & -65536).view(torch.float32)
 
 
-def _k_gemv(p3: torch.Tensor, am: torch.Tensor, nested: torch.Tensor | None,
-            offset: torch.Tensor | None, nbs: int, xe: torch.Tensor, xo: torch.Tensor,
-            dtype: torch.dtype) -> torch.Tensor:
+def _k_gemv(
+    p3: torch.Tensor,
+    am: torch.Tensor,
+    nested: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    nbs: int,
+    xe: torch.Tensor,
+    xo: torch.Tensor,
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """fp32 (R,) = Ŵ x with Ŵ rounded to ``dtype``: ``p3`` uint8 (R, nb, bs/2); ``am`` the
     block absmax (R, nb), fp32, or uint8 codes with ``nested`` / ``offset`` / ``nbs`` (double
     quantisation, decoded here as NF4State.block_absmax does); ``xe`` / ``xo`` fp32 (H,) =
@@ -118,13 +127,16 @@ def _gemv(p3, state: NF4State, x: torch.Tensor, dtype: torch.dtype):
     key = (dtype, tuple(p3.shape[1:]), p3.shape[0] == 1, dq and state.nested_blocksize)  # dynamo's guards
     # fp16: the fused kernel's fp16 rounding of W rests on inductor's emulate_precision_casts,
     # which torch 2.11 drops (3% off the reference); the row chunks round with a real cast
-    if (dtype == torch.float16 or not _COMPILE[0] or torch.compiler.is_compiling()
-            or (key not in _KEYS and len(_KEYS) >= _MAX_KEYS)):
+    if (
+        dtype == torch.float16
+        or not _COMPILE[0]
+        or torch.compiler.is_compiling()
+        or (key not in _KEYS and len(_KEYS) >= _MAX_KEYS)
+    ):
         return None
     _KEYS.add(key)
     if not _KERNEL:  # emulate_precision_casts: keep fp16 roundings inside the fused kernel
-        _KERNEL.append(torch.compile(_k_gemv, dynamic=False, fullgraph=True,
-                                     options={"emulate_precision_casts": True}))
+        _KERNEL.append(torch.compile(_k_gemv, dynamic=False, fullgraph=True, options={"emulate_precision_casts": True}))
     am = state.absmax.view(p3.shape[0], p3.shape[1])  # (nblocks,) -> (out, in/bs)
     for t in (p3, am):
         torch._dynamo.maybe_mark_dynamic(t, 0)  # one compile serves every out_features
@@ -133,24 +145,42 @@ def _gemv(p3, state: NF4State, x: torch.Tensor, dtype: torch.dtype):
     xf = x.float()
     try:
         with torch.no_grad():
-            return _KERNEL[0](p3, am, state.nested_absmax, state.offset if dq else None,
-                              state.nested_blocksize, xf[0::2].contiguous(), xf[1::2].contiguous(), dtype)
+            return _KERNEL[0](
+                p3,
+                am,
+                state.nested_absmax,
+                state.offset if dq else None,
+                state.nested_blocksize,
+                xf[0::2].contiguous(),
+                xf[1::2].contiguous(),
+                dtype,
+            )
     except Exception as e:  # no C++ compiler, unsupported platform, ...: eager from now on
         _COMPILE[0] = False
-        warnings.warn(f"adaptkit.nf4_matmul: torch.compile of the NF4 GEMV failed "
-                      f"({type(e).__name__}: {str(e)[:200]}); using the eager path",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"adaptkit.nf4_matmul: torch.compile of the NF4 GEMV failed "
+            f"({type(e).__name__}: {str(e)[:200]}); using the eager path",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return None
 
 
 # ---------------------------------------------------------------- chunked paths
 
+
 def _layout(packed: torch.Tensor, state: NF4State, tokens: int):
     """p3 (out, in/bs, bs/2) uint8 when the chunked paths apply, else None (dense path)."""
     out_f, in_f = state.shape if len(state.shape) == 2 else (0, 0)
     bs = state.blocksize
-    if (packed.device.type != "cpu" or out_f * in_f <= _CHUNK or in_f % bs or tokens > MAX_TOKENS
-            or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")):
+    if (
+        packed.device.type != "cpu"
+        or out_f * in_f <= _CHUNK
+        or in_f % bs
+        or tokens > MAX_TOKENS
+        or torch.compiler.is_compiling()
+        or torch.is_autocast_enabled("cpu")
+    ):
         return None
     return packed.reshape(out_f, in_f // bs, bs // 2)  # (out, in/bs, bs/2): no block straddles rows
 
@@ -165,17 +195,23 @@ def _row_chunks(p3: torch.Tensor, state: NF4State, dtype: torch.dtype):
     r = max(1, min(out_f, _CHUNK // in_f))
     dev = p3.device
     buf = torch.empty(r * in_f, dtype=dtype, device=dev)
-    scratch = (_pair_table(dev), torch.empty(r * in_f // 2, dtype=torch.int32, device=dev),
-               None if dtype == torch.float32 else torch.empty(r * in_f, device=dev))
+    scratch = (
+        _pair_table(dev),
+        torch.empty(r * in_f // 2, dtype=torch.int32, device=dev),
+        None if dtype == torch.float32 else torch.empty(r * in_f, device=dev),
+    )
     for r0 in range(0, out_f, r):  # loop over chunks of rows, not elements
         n = min(r, out_f - r0)
         # (R, nb, bs/2) -> (R, in/2) bytes, decoded into (R, in)
-        yield r0, decode_blocks(p3[r0: r0 + n].reshape(n, nb * hb), a[r0: r0 + n],
-                                buf[: n * in_f].view(n, in_f), *scratch)
+        yield (
+            r0,
+            decode_blocks(p3[r0 : r0 + n].reshape(n, nb * hb), a[r0 : r0 + n], buf[: n * in_f].view(n, in_f), *scratch),
+        )
 
 
-def linear(x: torch.Tensor, packed: torch.Tensor, state: NF4State, dtype: torch.dtype,
-           bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, packed: torch.Tensor, state: NF4State, dtype: torch.dtype, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """``x Ŵ^T + bias`` in ``dtype`` for ``x`` (..., in) in ``dtype`` (see the module doc)."""
     p3 = _layout(packed, state, x.numel() // max(1, x.shape[-1]))
     if p3 is None:
@@ -191,12 +227,11 @@ def linear(x: torch.Tensor, packed: torch.Tensor, state: NF4State, dtype: torch.
             return y.to(dtype).view(*x.shape[:-1], out_f)  # (N, out) -> (..., out)
     y = x2.new_empty(n, out_f)
     for r0, w in _row_chunks(p3, state, dtype):  # y[:, rows] = x Ŵ_rows^T (+ b_rows)
-        y[:, r0: r0 + w.shape[0]] = F.linear(x2, w, None if bias is None else bias[r0: r0 + w.shape[0]])
+        y[:, r0 : r0 + w.shape[0]] = F.linear(x2, w, None if bias is None else bias[r0 : r0 + w.shape[0]])
     return y.view(*x.shape[:-1], out_f)  # (N, out) -> (..., out)
 
 
-def grad_input(g: torch.Tensor, packed: torch.Tensor, state: NF4State,
-               dtype: torch.dtype) -> torch.Tensor:
+def grad_input(g: torch.Tensor, packed: torch.Tensor, state: NF4State, dtype: torch.dtype) -> torch.Tensor:
     """``g Ŵ`` in ``dtype`` for ``g`` (..., out) in ``dtype``: the input gradient of
     :func:`linear`. Up to ``GRAD_ROW_TOKENS`` rows of g (memory-bound): row chunks,
     ``gx += g[:, rows] Ŵ_rows`` in fp32 (Ŵ's ``dtype`` values are exact in fp32, as are their
@@ -212,5 +247,5 @@ def grad_input(g: torch.Tensor, packed: torch.Tensor, state: NF4State,
     for r0, w in _row_chunks(p3, state, dtype):
         if w32 is not None:  # Ŵ_rows in fp32, exactly
             w = w32[: w.numel()].view(w.shape).copy_(w)
-        gx.addmm_(g2[:, r0: r0 + w.shape[0]], w)  # (N, R) @ (R, in)
+        gx.addmm_(g2[:, r0 : r0 + w.shape[0]], w)  # (N, R) @ (R, in)
     return gx.to(dtype).view(*g.shape[:-1], in_f)  # (N, in) -> (..., in)

@@ -7,6 +7,7 @@ Quantization"): bitsandbytes' signed 8-bit dynamic map and an exact nearest-code
 blockwise search also serves the partial tail block of the NF4 codes themselves
 (:func:`blockwise_index` with the NF4 midpoints). Used by :mod:`adaptkit.nf4`.
 """
+
 from __future__ import annotations
 
 import torch

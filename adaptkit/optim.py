@@ -42,6 +42,7 @@ only when ``embedding_lr`` is given, and otherwise treats their ``lora_B`` (embe
 like any other B. For LoRA's A and B on Linear / Conv / Conv1D layers the two agree
 (tests/test_transformers_models.py cross-checks the groups).
 """
+
 from __future__ import annotations
 
 import math
@@ -63,16 +64,19 @@ def _b_names(adapter: nn.Module) -> tuple[str, ...]:
 
 
 def _check(fld: str, v: Any, lo: float, strict: bool, hint: str) -> float:
-    ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and \
-        (v > lo if strict else v >= lo)
+    ok = (
+        not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and (v > lo if strict else v >= lo)
+    )
     if not ok:
-        raise AdaptkitError(f"param_groups: {fld}={v!r} must be a finite number "
-                            f"{'>' if strict else '>='} {lo:g}; {hint}")
+        raise AdaptkitError(
+            f"param_groups: {fld}={v!r} must be a finite number {'>' if strict else '>='} {lo:g}; {hint}"
+        )
     return float(v)
 
 
-def param_groups(model: nn.Module, lr: float, ratio: float = 16.0, weight_decay: float = 0.0,
-                 *, embedding_lr: float | None = None) -> list[dict[str, Any]]:
+def param_groups(
+    model: nn.Module, lr: float, ratio: float = 16.0, weight_decay: float = 0.0, *, embedding_lr: float | None = None
+) -> list[dict[str, Any]]:
     """LoRA+ parameter groups for any ``torch.optim`` optimizer (see the module docstring).
 
     model:        a model with injected, active adapters; only ``requires_grad`` parameters
@@ -85,15 +89,27 @@ def param_groups(model: nn.Module, lr: float, ratio: float = 16.0, weight_decay:
                   (PEFT's ``loraplus_lr_embedding``).
     """
     if not isinstance(model, nn.Module):
-        raise AdaptkitError(f"param_groups: expected the model (an nn.Module), got "
-                            f"{type(model).__name__}; pass the model, not model.parameters()")
+        raise AdaptkitError(
+            f"param_groups: expected the model (an nn.Module), got "
+            f"{type(model).__name__}; pass the model, not model.parameters()"
+        )
     lr = _check("lr", lr, 0.0, True, "use e.g. lr=2e-4")
-    ratio = _check("ratio", ratio, 1.0, False, "it is η_B / η_A (the paper uses 16; 1 is plain "
-                   "LoRA); pass ratio=16, not its inverse")
+    ratio = _check(
+        "ratio",
+        ratio,
+        1.0,
+        False,
+        "it is η_B / η_A (the paper uses 16; 1 is plain LoRA); pass ratio=16, not its inverse",
+    )
     weight_decay = _check("weight_decay", weight_decay, 0.0, False, "use e.g. weight_decay=0.0")
     if embedding_lr is not None:
-        embedding_lr = _check("embedding_lr", embedding_lr, 0.0, True, "use e.g. embedding_lr=1e-6 "
-                              "(PEFT's default) or None to treat embeddings like other layers")
+        embedding_lr = _check(
+            "embedding_lr",
+            embedding_lr,
+            0.0,
+            True,
+            "use e.g. embedding_lr=1e-6 (PEFT's default) or None to treat embeddings like other layers",
+        )
     role: dict[int, str] = {}  # id(param) -> "B" | "embedding" for adapter parameters
     geo, any_b = [], False
     for path, layer in adapted_layers(model):
@@ -110,12 +126,18 @@ def param_groups(model: nn.Module, lr: float, ratio: float = 16.0, weight_decay:
                 elif k in b:
                     role[id(p)] = "B"
     if geo:
-        raise AdaptkitError(f"param_groups: trainable GeoLoRA adapter(s) at {', '.join(geo[:4])}"
-                            f"{' ...' if len(geo) > 4 else ''}; GeoLoRA trains with "
-                            f"ak.GeoLoRAOptimizer(model, lr=...), to which LoRA+ does not apply. "
-                            f"Deactivate them (ak.set_active) or use GeoLoRAOptimizer")
-    spec = {"A": (lr, weight_decay), "B": (lr * ratio, weight_decay),
-            "no_decay": (lr, 0.0), "embedding": (embedding_lr, weight_decay)}
+        raise AdaptkitError(
+            f"param_groups: trainable GeoLoRA adapter(s) at {', '.join(geo[:4])}"
+            f"{' ...' if len(geo) > 4 else ''}; GeoLoRA trains with "
+            f"ak.GeoLoRAOptimizer(model, lr=...), to which LoRA+ does not apply. "
+            f"Deactivate them (ak.set_active) or use GeoLoRAOptimizer"
+        )
+    spec = {
+        "A": (lr, weight_decay),
+        "B": (lr * ratio, weight_decay),
+        "no_decay": (lr, 0.0),
+        "embedding": (embedding_lr, weight_decay),
+    }
     groups: dict[str, list] = {k: [] for k in spec}
     seen: set[int] = set()
     for _, p in model.named_parameters():  # named_parameters() yields a shared tensor once
@@ -124,14 +146,16 @@ def param_groups(model: nn.Module, lr: float, ratio: float = 16.0, weight_decay:
         seen.add(id(p))
         groups[role.get(id(p)) or ("A" if p.dim() >= 2 else "no_decay")].append(p)
     if not seen:
-        raise AdaptkitError("param_groups: the model has no trainable parameter; inject an adapter "
-                            "first (ak.inject(model, ak.LoRA(...))) or ak.set_active one")
+        raise AdaptkitError(
+            "param_groups: the model has no trainable parameter; inject an adapter "
+            "first (ak.inject(model, ak.LoRA(...))) or ak.set_active one"
+        )
     if not any_b:
-        methods = sorted({s.method for s in getattr(model.__dict__.get("_adaptkit"), "specs",
-                                                    {}).values()})
-        raise AdaptkitError(f"param_groups: no trainable LoRA+ 'B' parameter in the model (its "
-                            f"adapter methods: {methods or 'none'}); LoRA+ applies to lora_B of "
-                            f"LoRA / DoRA and mpo_A of LoRAMPO(mode='lora'). For other methods "
-                            f"use a plain optimizer over the trainable parameters")
-    return [{"name": k, "params": v, "lr": spec[k][0], "weight_decay": spec[k][1]}
-            for k, v in groups.items() if v]
+        methods = sorted({s.method for s in getattr(model.__dict__.get("_adaptkit"), "specs", {}).values()})
+        raise AdaptkitError(
+            f"param_groups: no trainable LoRA+ 'B' parameter in the model (its "
+            f"adapter methods: {methods or 'none'}); LoRA+ applies to lora_B of "
+            f"LoRA / DoRA and mpo_A of LoRAMPO(mode='lora'). For other methods "
+            f"use a plain optimizer over the trainable parameters"
+        )
+    return [{"name": k, "params": v, "lr": spec[k][0], "weight_decay": spec[k][1]} for k, v in groups.items() if v]

@@ -14,6 +14,7 @@ live in :mod:`adaptkit.peft_config`. What PEFT computes that adaptkit cannot rep
 is an AdaptkitError naming it. Reading checks every key and shape, then injects through
 ``ak.io.load_tensors``: on error the model is untouched.
 """
+
 from __future__ import annotations
 
 import json
@@ -84,7 +85,7 @@ def group_keys(method: str, tensors: dict, where: str = "PEFT adapter") -> tuple
         raise _err(f"{where}: keys {bad[:5]} lack the '{PREFIX}' prefix; not a PEFT adapter file")
     groups, rest, pre = {}, {}, form(method).prefix
     for key, t in tensors.items():
-        segs = key[len(PREFIX):].split(".")
+        segs = key[len(PREFIX) :].split(".")
         i = next((i for i, s in enumerate(segs) if s.startswith(pre)), None)
         if i is None:
             rest[".".join(segs)] = t
@@ -93,8 +94,9 @@ def group_keys(method: str, tensors: dict, where: str = "PEFT adapter") -> tuple
     return groups, rest
 
 
-def from_peft(cfg: dict, tensors: dict, layer_of, saved=None, where: str = "PEFT adapter",
-              order=()) -> tuple[dict, dict, list[str]]:
+def from_peft(
+    cfg: dict, tensors: dict, layer_of, saved=None, where: str = "PEFT adapter", order=()
+) -> tuple[dict, dict, list[str]]:
     """PEFT config + tensors -> (adaptkit tensors, adaptkit metadata, adapted paths).
     ``layer_of(path, peft_tensors) -> (kind, weight shape, base class name)``; ``saved``: the
     modules_to_save paths (default: key prefixes ending with an item); ``order``: module names."""
@@ -121,11 +123,14 @@ def from_peft(cfg: dict, tensors: dict, layer_of, saved=None, where: str = "PEFT
         else:
             unexpected.append(PREFIX + k)
     esc = {p: re.escape(p) for p in paths}
-    pats = {f: {esc[p]: v for p in paths if (v := pattern_value(cfg.get(f) or {}, p, kw[d])) != kw[d]}
-            for f, d in (("rank_pattern", "rank"), ("alpha_pattern", "alpha"))}
+    pats = {
+        f: {esc[p]: v for p in paths if (v := pattern_value(cfg.get(f) or {}, p, kw[d])) != kw[d]}
+        for f, d in (("rank_pattern", "rank"), ("alpha_pattern", "alpha"))
+    }
     try:
-        spec = METHODS[method](**kw, **pats, targets=list(esc.values()),
-                               modules_to_save=[re.escape(s) for s in saved] or None)
+        spec = METHODS[method](
+            **kw, **pats, targets=list(esc.values()), modules_to_save=[re.escape(s) for s in saved] or None
+        )
     except (TypeError, AdaptkitError) as e:
         raise _err(f"{where}: the config does not map to an adaptkit spec: {e}") from None
     layers, problems = {}, [f"unexpected keys {unexpected}"] * bool(unexpected)
@@ -135,8 +140,9 @@ def from_peft(cfg: dict, tensors: dict, layer_of, saved=None, where: str = "PEFT
             kind, shape, base = layer_of(p, got)
             fm.check_layer(kind, shape, p)
             if not spec.supports(kind):
-                raise _err(f"{type(spec).__name__} cannot adapt '{p}' ({base}): PEFT's form has no "
-                           f"adaptkit counterpart")
+                raise _err(
+                    f"{type(spec).__name__} cannot adapt '{p}' ({base}): PEFT's form has no adaptkit counterpart"
+                )
             a = spec.build(stand_in(kind, shape), p)
         except AdaptkitError as e:
             problems.append(str(e).removeprefix("peft_compat: "))
@@ -158,8 +164,12 @@ def from_peft(cfg: dict, tensors: dict, layer_of, saved=None, where: str = "PEFT
         raise _err(f"{where}: " + "; ".join(problems) + ". Nothing was loaded")
     for k in list(out):
         layers.setdefault(k.rsplit(".", 1)[0], {"method": "trained", "base": "unknown"})
-    meta = {"adaptkit.format": FORMAT, "adaptkit.version": _version(),
-            "adaptkit.spec": json.dumps(spec.to_dict()), "adaptkit.layers": json.dumps(layers)}
+    meta = {
+        "adaptkit.format": FORMAT,
+        "adaptkit.version": _version(),
+        "adaptkit.spec": json.dumps(spec.to_dict()),
+        "adaptkit.layers": json.dumps(layers),
+    }
     return out, meta, paths
 
 
@@ -202,8 +212,10 @@ def to_peft(tensors: dict, meta: dict, names: list[str] | None = None) -> tuple[
     for s in saved:
         other = [n for n in (names if names is not None else list(layers) + saved) if n.endswith(s) and n != s]
         if other or any(re.match(rf"(^|.*\.){s}($|\..*)", p) for p in layers):
-            raise _err(f"modules_to_save '{s}' would also select {other or 'adapted layers'} in "
-                       f"PEFT (it matches by suffix); rename the module or drop it from modules_to_save")
+            raise _err(
+                f"modules_to_save '{s}' would also select {other or 'adapted layers'} in "
+                f"PEFT (it matches by suffix); rename the module or drop it from modules_to_save"
+            )
     return peft_config(spec, layers, saved), out
 
 
@@ -220,8 +232,14 @@ def read_folder(folder) -> tuple[dict, dict]:
         raise _err(f"no {CONFIG} in '{folder}'{hint}")
     if not os.path.isfile(w_path):
         pickle = os.path.isfile(os.path.join(folder, "adapter_model.bin"))
-        hint = ("; adapter_model.bin is a pickle, which adaptkit never loads: re-save the adapter "
-                "with PEFT's save_pretrained(..., safe_serialization=True)") if pickle else ""
+        hint = (
+            (
+                "; adapter_model.bin is a pickle, which adaptkit never loads: re-save the adapter "
+                "with PEFT's save_pretrained(..., safe_serialization=True)"
+            )
+            if pickle
+            else ""
+        )
         raise _err(f"no {WEIGHTS} in '{folder}'{hint}")
     try:
         with open(cfg_path) as f:
@@ -248,6 +266,7 @@ def write_folder(folder, cfg: dict, tensors: dict) -> None:
     def write_config(tmp: str) -> None:
         with open(tmp, "w") as f:
             json.dump(cfg, f, indent=2, sort_keys=True)
+
     atomic_write(os.path.join(folder, CONFIG), write_config)
 
 
@@ -266,14 +285,15 @@ def read_peft(model: nn.Module, folder, name: str = "default") -> list[str]:
         check_layer(method, base_kind(m), m.weight.shape, p, m)
         return base_kind(m), tuple(m.weight.shape), type(m).__name__
 
-    out, meta, paths = from_peft(cfg, tensors, layer_of, saved_paths(saved_names(cfg), modules),
-                                 where, order=list(modules))
+    out, meta, paths = from_peft(
+        cfg, tensors, layer_of, saved_paths(saved_names(cfg), modules), where, order=list(modules)
+    )
     miss, extra = [p for p in targets if p not in paths], [p for p in paths if p not in targets]
     if miss or extra:
-        parts = [f"select {miss}, which have no tensors in the file"] * bool(miss) + \
-            [f"do not select {extra}, which the file adapts"] * bool(extra)
-        raise _err(f"{where}: on this model target_modules {' and '.join(parts)}; wrong base "
-                   f"model? Nothing was loaded")
+        parts = [f"select {miss}, which have no tensors in the file"] * bool(miss) + [
+            f"do not select {extra}, which the file adapts"
+        ] * bool(extra)
+        raise _err(f"{where}: on this model target_modules {' and '.join(parts)}; wrong base model? Nothing was loaded")
     return load_tensors(model, out, meta, name, where)
 
 

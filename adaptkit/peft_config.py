@@ -16,6 +16,7 @@ layers PEFT computes differently) is declared by each method as a :class:`PeftFo
 own file (methods/lora.py, dora.py, lokr.py, qlora_nf4.py); this module is generic over the
 method registry.
 """
+
 from __future__ import annotations
 
 import re
@@ -26,11 +27,28 @@ from .errors import AdaptkitError
 from .layer import base_kind
 from .spec import METHODS, AdapterSpec
 
-_COMMON = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
-           "revision", "inference_mode", "r", "target_modules", "exclude_modules",
-           "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "modules_to_save"}
-_TASK_SAVED = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],
-               "QUESTION_ANS": ["qa_outputs"]}  # PeftModelFor<Task> adds these on load
+_COMMON = {
+    "task_type",
+    "peft_type",
+    "auto_mapping",
+    "peft_version",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "r",
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "rank_pattern",
+    "alpha_pattern",
+    "modules_to_save",
+}
+_TASK_SAVED = {
+    "SEQ_CLS": ["classifier", "score"],
+    "TOKEN_CLS": ["classifier", "score"],
+    "QUESTION_ANS": ["qa_outputs"],
+}  # PeftModelFor<Task> adds these on load
 
 
 def err(msg: str) -> AdaptkitError:
@@ -58,8 +76,11 @@ def _layer_ok(cfg: dict, key: str) -> bool:
     idx, pat = cfg.get("layers_to_transform"), cfg.get("layers_pattern")
     if idx is None or idx == []:
         return True
-    regs = [r".*?\.[^.]*\.(?P<i>\d+)\."] if not pat else [
-        rf"(?:^|.*?\.){p}\.(?P<i>\d+)\." for p in ([pat] if isinstance(pat, str) else pat)]
+    regs = (
+        [r".*?\.[^.]*\.(?P<i>\d+)\."]
+        if not pat
+        else [rf"(?:^|.*?\.){p}\.(?P<i>\d+)\." for p in ([pat] if isinstance(pat, str) else pat)]
+    )
     m = next((m for r in regs if (m := re.match(r, key))), None)
     return m is not None and int(m["i"]) in ([idx] if isinstance(idx, int) else idx)
 
@@ -73,12 +94,15 @@ def peft_targets(cfg: dict, modules: dict[str, nn.Module]) -> list[str]:
     """The module names PEFT adapts for ``cfg`` (``check_target_module_exists``)."""
     tm, ex, saved = cfg.get("target_modules"), cfg.get("exclude_modules"), saved_names(cfg)
     if tm is None:
-        raise err("target_modules is None (PEFT picks a per-model-type default); write the "
-                  "module names into adapter_config.json")
+        raise err(
+            "target_modules is None (PEFT picks a per-model-type default); write the "
+            "module names into adapter_config.json"
+        )
     if isinstance(tm, str) and tm.lower() == "all-linear":  # PEFT skips a PreTrainedModel's head
         root = modules[""]
-        head = root.get_output_embeddings() if any(
-            c.__name__ == "PreTrainedModel" for c in type(root).__mro__) else None
+        head = (
+            root.get_output_embeddings() if any(c.__name__ == "PreTrainedModel" for c in type(root).__mro__) else None
+        )
         tm = [n for n, m in modules.items() if n and base_kind(m) in ("linear", "conv1d_t") and m is not head]
     out = []
     for key in modules:
@@ -102,8 +126,10 @@ def saved_paths(names: list[str], candidates) -> list[str]:
     hits = [p for p in candidates if p and p.endswith(tuple(names))]
     nested = [p for p in hits if any(p.startswith(q + ".") for q in hits)]
     if nested:
-        raise err(f"modules_to_save={names} matches nested modules {nested}; PEFT wraps both, "
-                  f"which adaptkit cannot express. Name only the outer module")
+        raise err(
+            f"modules_to_save={names} matches nested modules {nested}; PEFT wraps both, "
+            f"which adaptkit cannot express. Name only the outer module"
+        )
     return hits
 
 
@@ -160,8 +186,9 @@ class PeftForm:
     def infer_layer(self, tensors: dict, cfg: dict, path: str) -> tuple[str, tuple]:
         """(base kind, weight shape) of a PEFT-adapted path from its tensors (keys without
         the path) and the config alone: what the command line uses without a base file."""
-        raise err(f"'{path}': the {self.peft_type} tensors do not tell the base's shape; "
-                  f"give the base weights (--base)")
+        raise err(
+            f"'{path}': the {self.peft_type} tensors do not tell the base's shape; give the base weights (--base)"
+        )
 
     @staticmethod
     def alpha0(spec: AdapterSpec):
@@ -186,8 +213,11 @@ def read_form(cfg: dict) -> tuple[str, PeftForm]:
     hits = [(m, f) for m, f in known.items() if f.peft_type == pt and f.reads(cfg)]
     if len(hits) != 1:
         types = sorted({f.peft_type for f in known.values()})
-        raise err(f"peft_type={pt!r} is not supported; adaptkit reads {', '.join(types)}" if not hits else
-                  f"peft_type={pt!r} is claimed by methods {[m for m, _ in hits]}; fix their reads()")
+        raise err(
+            f"peft_type={pt!r} is not supported; adaptkit reads {', '.join(types)}"
+            if not hits
+            else f"peft_type={pt!r} is claimed by methods {[m for m, _ in hits]}; fix their reads()"
+        )
     return hits[0]
 
 
@@ -195,8 +225,7 @@ def write_form(spec: AdapterSpec) -> PeftForm:
     """The form ``spec``'s method declares; an error naming the methods that have one."""
     form = form_of(spec)
     if form is None:
-        raise err(f"method {spec.method!r} has no PEFT form; PEFT interop covers "
-                  f"{', '.join(sorted(forms()))}")
+        raise err(f"method {spec.method!r} has no PEFT form; PEFT interop covers {', '.join(sorted(forms()))}")
     return form
 
 
@@ -205,11 +234,12 @@ def spec_fields(cfg: dict) -> tuple[str, dict]:
     """(adaptkit method, spec kwargs but targets / patterns / modules_to_save) of a PEFT
     config, refusing every option adaptkit cannot reproduce."""
     method, form = read_form(cfg)
-    bad = {k: v for k, v in cfg.items() if k not in _COMMON | form.options
-           and v not in (None, False, {}, [], "")}
+    bad = {k: v for k, v in cfg.items() if k not in _COMMON | form.options and v not in (None, False, {}, [], "")}
     if bad:
-        raise err(f"PEFT option(s) {bad} change the adapter and have no adaptkit equivalent; "
-                  f"use this adapter with PEFT (or merge it there)")
+        raise err(
+            f"PEFT option(s) {bad} change the adapter and have no adaptkit equivalent; "
+            f"use this adapter with PEFT (or merge it there)"
+        )
     if cfg.get("ensure_weight_tying") and saved_names(cfg):
         raise err("ensure_weight_tying=True ties modules_to_save copies, which adaptkit does not")
     return method, form.spec_kwargs(cfg)
@@ -218,18 +248,28 @@ def spec_fields(cfg: dict) -> tuple[str, dict]:
 def _pattern_keys(paths: list[str], values: dict, default) -> dict:
     """PEFT pattern keys giving ``values[p]`` exactly at the adapted paths: the escaped path,
     anchored with ``^`` when another adapted path ends with ``.p``."""
-    return {("^" if any(q.endswith("." + p) for q in paths) else "") + re.escape(p): num(values[p])
-            for p in paths if values[p] != default}
+    return {
+        ("^" if any(q.endswith("." + p) for q in paths) else "") + re.escape(p): num(values[p])
+        for p in paths
+        if values[p] != default
+    }
 
 
 def peft_config(spec: AdapterSpec, layers: dict[str, dict], saved: list[str]) -> dict:
     """The adapter_config.json selecting exactly ``layers`` (and ``saved``) with spec's values."""
     spec = write_form(spec).written(spec)
     form, paths = write_form(spec), list(layers)
-    cfg = {"peft_type": form.peft_type, "task_type": None,
-           "inference_mode": True, "r": spec.rank, "target_modules": "|".join(map(re.escape, paths)),
-           "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None,
-           "rank_pattern": _pattern_keys(paths, {p: spec.rank_for(p) for p in paths}, spec.rank),
-           "alpha_pattern": _pattern_keys(paths, {p: spec.alpha_for(p) for p in paths}, form.alpha0(spec)),
-           "modules_to_save": saved or None}
+    cfg = {
+        "peft_type": form.peft_type,
+        "task_type": None,
+        "inference_mode": True,
+        "r": spec.rank,
+        "target_modules": "|".join(map(re.escape, paths)),
+        "exclude_modules": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": _pattern_keys(paths, {p: spec.rank_for(p) for p in paths}, spec.rank),
+        "alpha_pattern": _pattern_keys(paths, {p: spec.alpha_for(p) for p in paths}, form.alpha0(spec)),
+        "modules_to_save": saved or None,
+    }
     return cfg | form.config(spec, layers)

@@ -5,6 +5,7 @@ share (docs/ARCHITECTURE.md). A spec is JSON round-trippable through ``to_dict``
 ``from_dict``; ``from_dict`` is strict: an unknown method or field is an error, so a file
 written by a newer adaptkit never loads with silently lost semantics (PEFT pain #6).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,7 +34,8 @@ def _check_regex(owner: str, fld: str, pattern: str) -> None:
     except re.error as e:
         raise AdaptkitError(
             f"{owner}: {fld}={pattern!r} is not a valid regular expression ({e}); "
-            f"fix the pattern (it is matched with re.fullmatch against module paths)") from None
+            f"fix the pattern (it is matched with re.fullmatch against module paths)"
+        ) from None
 
 
 def _as_tuple(owner: str, fld: str, value: Pattern) -> tuple[str, ...] | None:
@@ -41,13 +43,15 @@ def _as_tuple(owner: str, fld: str, value: Pattern) -> tuple[str, ...] | None:
     if value is None:
         return None
     if not isinstance(value, (str, list, tuple)):
-        raise AdaptkitError(f"{owner}: {fld} must be a regex string or a list of them, "
-                            f"got {type(value).__name__} {value!r:.80}")
+        raise AdaptkitError(
+            f"{owner}: {fld} must be a regex string or a list of them, got {type(value).__name__} {value!r:.80}"
+        )
     items = (value,) if isinstance(value, str) else tuple(value)
     for p in items:
         if not isinstance(p, str):
-            raise AdaptkitError(f"{owner}: {fld} must be a regex string or a list of them, "
-                                f"got {type(p).__name__} {p!r}")
+            raise AdaptkitError(
+                f"{owner}: {fld} must be a regex string or a list of them, got {type(p).__name__} {p!r}"
+            )
         _check_regex(owner, fld, p)
     return items
 
@@ -93,8 +97,7 @@ class AdapterSpec:
             self._check_alpha(name, "alpha", self.alpha)
         set_("targets", _as_tuple(name, "targets", self.targets))
         if not self.targets:
-            raise AdaptkitError(f"{name}: targets is empty; give a regex such as r'.*\\.q_proj' "
-                                f"or 'all-linear'")
+            raise AdaptkitError(f"{name}: targets is empty; give a regex such as r'.*\\.q_proj' or 'all-linear'")
         set_("exclude", _as_tuple(name, "exclude", self.exclude))
         set_("layers_pattern", _as_tuple(name, "layers_pattern", self.layers_pattern))
         set_("modules_to_save", _as_tuple(name, "modules_to_save", self.modules_to_save))
@@ -110,8 +113,10 @@ class AdapterSpec:
         if ltt is not None:
             ltt = (ltt,) if isinstance(ltt, int) else tuple(ltt) if isinstance(ltt, (list, tuple)) else None
             if ltt is None or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ltt):
-                raise AdaptkitError(f"{name}: layers_to_transform must be non-negative ints, got "
-                                    f"{self.layers_to_transform!r:.80}; use e.g. layers_to_transform=[0, 1]")
+                raise AdaptkitError(
+                    f"{name}: layers_to_transform must be non-negative ints, got "
+                    f"{self.layers_to_transform!r:.80}; use e.g. layers_to_transform=[0, 1]"
+                )
             set_("layers_to_transform", ltt)
         if self.bias not in BIAS_MODES:
             raise AdaptkitError(f"{name}: bias={self.bias!r} is not one of {BIAS_MODES}")
@@ -125,8 +130,9 @@ class AdapterSpec:
     @staticmethod
     def _check_alpha(owner: str, fld: str, v: Any) -> None:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v != v or v == float("inf"):
-            raise AdaptkitError(f"{owner}: {fld}={v!r} must be a finite number > 0; "
-                                f"use alpha=2*rank or leave it None (alpha = rank)")
+            raise AdaptkitError(
+                f"{owner}: {fld}={v!r} must be a finite number > 0; use alpha=2*rank or leave it None (alpha = rank)"
+            )
 
     @staticmethod
     def _check_prob(owner: str, fld: str, v: Any) -> None:
@@ -139,10 +145,12 @@ class AdapterSpec:
     # ---- per-layer values ------------------------------------------------------------
     def rank_for(self, path: str) -> int:
         from .targets import first_match
+
         return first_match(self.rank_pattern, path, self.rank)
 
     def alpha_for(self, path: str) -> float:
         from .targets import first_match
+
         alpha = first_match(self.alpha_pattern, path, None)
         if alpha is None:
             alpha = self.alpha if self.alpha is not None else self.rank_for(path)
@@ -162,14 +170,17 @@ class AdapterSpec:
             raise AdaptkitError(f"spec: expected a JSON object with a 'method' key, got {d!r:.200}")
         method = d["method"]
         if method not in METHODS:
-            raise AdaptkitError(f"spec: unknown method {method!r}; known methods: {sorted(METHODS)}. "
-                                f"Upgrade adaptkit if the file comes from a newer version")
+            raise AdaptkitError(
+                f"spec: unknown method {method!r}; known methods: {sorted(METHODS)}. "
+                f"Upgrade adaptkit if the file comes from a newer version"
+            )
         cls = METHODS[method]
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names - {"method"})
         if unknown:
-            raise AdaptkitError(f"spec: unknown field(s) {unknown} for method {method!r}; "
-                                f"known fields: {sorted(names)}")
+            raise AdaptkitError(
+                f"spec: unknown field(s) {unknown} for method {method!r}; known fields: {sorted(names)}"
+            )
         return cls(**{k: v for k, v in d.items() if k != "method"})
 
     # ---- the method hooks (overridden by each method) ---------------------------------
@@ -184,9 +195,11 @@ class AdapterSpec:
         which only a quantising method adapts. QLoRA returns an NF4 copy of a float Linear."""
         w = getattr(module, "weight", None)
         if w is not None and not w.is_floating_point():
-            raise AdaptkitError(f"{type(self).__name__} cannot adapt '{path}': its base "
-                                f"{type(module).__name__} stores a quantised ({w.dtype}) weight; "
-                                f"use ak.QLoRA (use_dora=True for DoRA) on NF4 bases")
+            raise AdaptkitError(
+                f"{type(self).__name__} cannot adapt '{path}': its base "
+                f"{type(module).__name__} stores a quantised ({w.dtype}) weight; "
+                f"use ak.QLoRA (use_dora=True for DoRA) on NF4 bases"
+            )
         return module
 
     def build(self, layer, path: str):

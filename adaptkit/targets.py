@@ -4,6 +4,7 @@ It serves ``targets``, ``exclude``, ``rank_pattern``, ``alpha_pattern`` and
 ``modules_to_save`` alike. No suffix mode and no substring mode (PEFT has three matching
 rules across those fields, the root of several user issues: #2964, #3610, #1111).
 """
+
 from __future__ import annotations
 
 import functools
@@ -49,8 +50,11 @@ def layer_index(path: str, layers_pattern: tuple[str, ...] | None) -> int | None
     for i, seg in enumerate(parts):
         if seg.isdigit():
             prefix = ".".join(parts[:i])
-            if layers_pattern is None or matches(layers_pattern, prefix) or \
-                    matches(layers_pattern, parts[i - 1] if i else ""):
+            if (
+                layers_pattern is None
+                or matches(layers_pattern, prefix)
+                or matches(layers_pattern, parts[i - 1] if i else "")
+            ):
                 return int(seg)
     return None
 
@@ -86,13 +90,19 @@ def select(model: nn.Module, spec) -> list[str]:
     """Paths of the modules ``spec`` adapts, in ``named_modules()`` order (no side effects).
 
     Wrapped layers match by their original path, so a second adapter can join a layer."""
-    return select_paths(model, spec.targets, spec.exclude, spec.layers_to_transform,
-                        spec.layers_pattern, type(spec).__name__)
+    return select_paths(
+        model, spec.targets, spec.exclude, spec.layers_to_transform, spec.layers_pattern, type(spec).__name__
+    )
 
 
-def select_paths(model: nn.Module, targets: tuple[str, ...], exclude: tuple[str, ...] | None = None,
-                 layers: tuple[int, ...] | None = None, layers_pattern: tuple[str, ...] | None = None,
-                 owner: str = "targets") -> list[str]:
+def select_paths(
+    model: nn.Module,
+    targets: tuple[str, ...],
+    exclude: tuple[str, ...] | None = None,
+    layers: tuple[int, ...] | None = None,
+    layers_pattern: tuple[str, ...] | None = None,
+    owner: str = "targets",
+) -> list[str]:
     """:func:`select` on explicit patterns (``owner`` names the caller in errors)."""
     all_linear = targets == (ALL_LINEAR,)
     head = output_head(model) if all_linear else None
@@ -113,8 +123,7 @@ def select_paths(model: nn.Module, targets: tuple[str, ...], exclude: tuple[str,
                 continue
         out.append(path)
     if not out:
-        raise AdaptkitError(_no_match(model, owner, targets, exclude, layers, layers_pattern,
-                                      all_linear))
+        raise AdaptkitError(_no_match(model, owner, targets, exclude, layers, layers_pattern, all_linear))
     return out
 
 
@@ -132,30 +141,37 @@ def _no_match(model: nn.Module, cls: str, targets, exclude, layers, layers_patte
     paths = [p for p, m in model.named_modules() if p and not _inside_wrapper(p, model)]
     leaves = [p for p in paths if base_kind(model.get_submodule(p)) is not None]
     if all_linear:
-        return (f"{owner}: the model has no Linear-like module besides its output head; "
-                f"adaptable modules: [{_listed(leaves) or 'none'}]; name them with a regex instead")
+        return (
+            f"{owner}: the model has no Linear-like module besides its output head; "
+            f"adaptable modules: [{_listed(leaves) or 'none'}]; name them with a regex instead"
+        )
     hit = [p for p in paths if matches(targets, p)]
     if hit:  # exclude / layers_to_transform removed every match
-        return (f"{cls}: matched no module left to adapt: targets={list(targets)} matched "
-                f"{_listed(hit)}, but exclude={exclude} / layers_to_transform="
-                f"{layers} (layers_pattern={layers_pattern}) removed all "
-                f"of them; loosen those")
+        return (
+            f"{cls}: matched no module left to adapt: targets={list(targets)} matched "
+            f"{_listed(hit)}, but exclude={exclude} / layers_to_transform="
+            f"{layers} (layers_pattern={layers_pattern}) removed all "
+            f"of them; loosen those"
+        )
     rule = "patterns are re.fullmatch-ed against full module paths (no suffix matching, unlike PEFT)"
     asked = [t for t in targets if any(re.fullmatch(rf"(?:.*\.)?(?:{t})", p) for p in leaves)]
     if asked:
         meant = [p for p in leaves if any(re.fullmatch(rf"(?:.*\.)?(?:{t})", p) for t in asked)]
         suffix = asked[0] if len(asked) == 1 and re.fullmatch(r"\w+", asked[0]) else f"({'|'.join(asked)})"
-        return (f"{owner}: {rule}. Adaptable modules ending with {asked}: {_listed(meant)}. "
-                f"Use targets=r\".*\\.{suffix}\"")
+        return f'{owner}: {rule}. Adaptable modules ending with {asked}: {_listed(meant)}. Use targets=r".*\\.{suffix}"'
     names = list(dict.fromkeys(p.rsplit(".", 1)[-1] for p in leaves))
     if not names:
-        return (f"{owner}: the model has no adaptable module (Linear, Conv, Embedding, GPT-2 "
-                f"Conv1D); some paths: [{_listed(paths, 8)}]")
+        return (
+            f"{owner}: the model has no adaptable module (Linear, Conv, Embedding, GPT-2 "
+            f"Conv1D); some paths: [{_listed(paths, 8)}]"
+        )
     linear = [p.rsplit(".", 1)[-1] for p in leaves if base_kind(model.get_submodule(p)) in ("linear", "conv1d_t")]
     pick = list(dict.fromkeys(linear or names))[:2]
     example = pick[0] if len(pick) == 1 else f"({'|'.join(pick)})"
-    return (f"{owner}: {rule}. Adaptable modules: {_listed(leaves)}; their names: {names[:12]}. "
-            f"Use e.g. targets=r\".*\\.{example}\"")
+    return (
+        f"{owner}: {rule}. Adaptable modules: {_listed(leaves)}; their names: {names[:12]}. "
+        f'Use e.g. targets=r".*\\.{example}"'
+    )
 
 
 def _inside_wrapper(path: str, model: nn.Module) -> bool:
@@ -177,7 +193,9 @@ def saved_modules(model: nn.Module, patterns: tuple[str, ...] | None) -> list[st
         if path and matches(patterns, path) and not any(path.startswith(p + ".") for p in out):
             out.append(path)
     if not out:
-        raise AdaptkitError(f"modules_to_save={list(patterns)} matched no module; patterns are "
-                            f"re.fullmatch-ed against full paths such as "
-                            f"{[n for n, _ in model.named_modules() if n][:8]}")
+        raise AdaptkitError(
+            f"modules_to_save={list(patterns)} matched no module; patterns are "
+            f"re.fullmatch-ed against full paths such as "
+            f"{[n for n, _ in model.named_modules() if n][:8]}"
+        )
     return out

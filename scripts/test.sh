@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Set up .venv if missing, lint the package (ruff, config in pyproject.toml), then run the
+# Set up .venv if missing, lint and format-check the package (ruff, config in pyproject.toml), then run the
 # whole test suite (extra arguments go to pytest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check adaptkit
+.venv/bin/ruff format --check adaptkit
 exec .venv/bin/python -m pytest "$@"

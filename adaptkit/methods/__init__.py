@@ -2,6 +2,7 @@
 
 Every registered method is picked up by the shared conformance suite.
 """
+
 from ..spec import METHODS
 from .dora import DoRA
 from .geolora import GeoLoRA

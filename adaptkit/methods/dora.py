@@ -42,6 +42,7 @@ layer traces with no graph break: no caches (their keys are data pointers), no f
 GEMM (``W A^T`` is its own small GEMM), and ``out = g * t + b (1 - g)`` in plain ops, whose
 backward AOTAutograd plans (and which gives ``m == 0`` its exact gradient).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -170,7 +171,7 @@ class _FusedBase(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gout):
         (w,) = ctx.saved_tensors
-        gy = gout[:ctx.T]  # the A rows carry no gradient (their result is used detached)
+        gy = gout[: ctx.T]  # the A rows carry no gradient (their result is used detached)
         gx = None
         if ctx.needs_input_grad[0]:
             gx = gy @ w.t() if ctx.transposed else gy @ w  # (T, out) -> (T, in)
@@ -204,15 +205,18 @@ class DoRAAdapter(LoRAAdapter):
         """Cached ``||W_o||^2`` (out,) in fp32, recomputed when W changes."""
         w = layer.weight
         if tracing():  # torch.compile: no data-pointer cache; one fused pass over W in the graph
-            return (layer.to_2d(w.detach()).float().pow(2).sum(1) if w.is_floating_point()
-                    else layer.to_2d(layer.dense_weight()).pow(2).sum(1))  # (out,)
+            return (
+                layer.to_2d(w.detach()).float().pow(2).sum(1)
+                if w.is_floating_point()
+                else layer.to_2d(layer.dense_weight()).pow(2).sum(1)
+            )  # (out,)
         key = _weight_key(w)
         if self._wsq is not None and self._wsq[0] == key:
             return self._wsq[1]
         if w.is_floating_point():
             w2 = layer.to_2d(w.detach())  # (out, in_flat), a view
             step = max(1, _CHUNK // max(1, w2.shape[1]))
-            sq = torch.cat([w2[i:i + step].float().pow(2).sum(1) for i in range(0, w2.shape[0], step)])
+            sq = torch.cat([w2[i : i + step].float().pow(2).sum(1) for i in range(0, w2.shape[0], step)])
         else:  # a packed (quantised) base: once, from the layer's dense fp32 view
             sq = layer.to_2d(layer.dense_weight()).pow(2).sum(1)
         self._wsq = (key, sq)
@@ -244,8 +248,9 @@ class DoRAAdapter(LoRAAdapter):
             wat, self._wat = self._wat, None
             wat = wat[1].float().t() if wat is not None and wat[0] == key else self._w_at(layer)  # (out, r)
         s, Bf, Af = self.scale, B.float(), A.float()
-        n2 = (self._weight_sq(layer) + (2 * s) * (Bf * wat).sum(1)
-              + (s * s) * ((Bf @ (Af @ Af.t())) * Bf).sum(1))  # (out,) from (out, r) terms
+        n2 = (
+            self._weight_sq(layer) + (2 * s) * (Bf * wat).sum(1) + (s * s) * ((Bf @ (Af @ Af.t())) * Bf).sum(1)
+        )  # (out,) from (out, r) terms
         n = n2.clamp_min_(0).sqrt_()
         if key is not None:
             self._ncache = (key, n) if not self.training else None
@@ -259,8 +264,15 @@ class DoRAAdapter(LoRAAdapter):
         if tracing():  # torch.compile: the plain base op (row_norm computes W A^T itself)
             return layer.base_op(x, w, b)
         cached = not self.training and self._ncache is not None and self._ncache[0] == self._key(layer)
-        if (layer.kind == "conv" or w.requires_grad or not w.is_floating_point() or x.dtype != w.dtype
-                or x.shape[-1] != layer.in_features or cached or _autocast(x.device.type)):
+        if (
+            layer.kind == "conv"
+            or w.requires_grad
+            or not w.is_floating_point()
+            or x.dtype != w.dtype
+            or x.shape[-1] != layer.in_features
+            or cached
+            or _autocast(x.device.type)
+        ):
             return layer.base_op(x, w, b)
         x2 = x.reshape(-1, x.shape[-1])  # (..., in) -> (T, in)
         out = _FusedBase.apply(x2, self.lora_A.detach().to(w.dtype), w, b, layer.kind == "conv1d_t")
@@ -302,8 +314,7 @@ class DoRAAdapter(LoRAAdapter):
         if layer.kind != "conv" and y.dim() > 1 and y.dtype == A.dtype and not ac:
             h = F.linear(x, A)  # (..., r)
             # t = y + s h B^T in one fused kernel on the flattened tokens: (T, out)
-            t = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, self.rank), B.t(),
-                            alpha=self.scale)
+            t = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, self.rank), B.t(), alpha=self.scale)
             out = _DoRAScale.apply(t, m, n, layer.bias, x, 1, z)
         else:
             t = y + self._update(x, layer).to(y.dtype)
@@ -332,8 +343,10 @@ class DoRAAdapter(LoRAAdapter):
 
     def unmerge_weight(self, layer: AdaptedLayer, w32: torch.Tensor) -> torch.Tensor:
         if self._merge_norm is None:
-            raise AdaptkitError("DoRA unmerge: this adapter has no recorded merge norm (it was not "
-                                "merged by this layer's merge()); reload the base weights instead")
+            raise AdaptkitError(
+                "DoRA unmerge: this adapter has no recorded merge norm (it was not "
+                "merged by this layer's merge()); reload the base weights instead"
+            )
         d, w2 = layer.to_2d(self.delta_weight(layer)), layer.to_2d(w32)  # (out, in_flat) both
         g = _gain(self.lora_magnitude.detach(), self._merge_norm.to(w32.device), w2, 0)  # (out, 1)
         self._merge_norm = None

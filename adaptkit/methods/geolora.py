@@ -30,6 +30,7 @@ preallocated buffers (zeros beyond r) and sets the active rank to r, so a plain
 ``load_state_dict`` round-trips the rank too. Factors are kept in fp32 on low-precision
 bases: QR / SVD and orthonormality to 1e-4 need it (the update is cast to the base dtype).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -70,33 +71,52 @@ class GeoLoRA(AdapterSpec):
             self._check_rank(name, "max_rank", self.max_rank)
             worst = max([self.rank, *self.rank_pattern.values()])
             if self.max_rank < worst:
-                raise AdaptkitError(f"{name}: max_rank={self.max_rank} is below the initial rank "
-                                    f"{worst}; use max_rank >= {worst} (it is the rank capacity)")
+                raise AdaptkitError(
+                    f"{name}: max_rank={self.max_rank} is below the initial rank "
+                    f"{worst}; use max_rank >= {worst} (it is the rank capacity)"
+                )
         self._check_rank(name, "min_rank", self.min_rank)
         self._check_prob(name, "dropout", self.dropout)
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0 <= self.tau < 1:
-            raise AdaptkitError(f"{name}: tau={self.tau!r} must be in [0, 1) (truncation keeps the "
-                                f"singular values whose tail norm is >= tau * total norm); use e.g. 0.15")
+            raise AdaptkitError(
+                f"{name}: tau={self.tau!r} must be in [0, 1) (truncation keeps the "
+                f"singular values whose tail norm is >= tau * total norm); use e.g. 0.15"
+            )
         if self.truncation not in TRUNCATIONS:
             raise AdaptkitError(f"{name}: truncation={self.truncation!r} is not one of {TRUNCATIONS}")
         if self.truncation == "global_budget":
             if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
-                raise AdaptkitError(f"{name}: truncation='global_budget' needs budget=<total rank over "
-                                    f"all adapted layers> as a positive int, got budget={self.budget!r}")
+                raise AdaptkitError(
+                    f"{name}: truncation='global_budget' needs budget=<total rank over "
+                    f"all adapted layers> as a positive int, got budget={self.budget!r}"
+                )
         elif self.budget is not None:
-            raise AdaptkitError(f"{name}: budget={self.budget!r} applies to truncation='global_budget' "
-                                f"only (got truncation={self.truncation!r}); drop budget or switch")
+            raise AdaptkitError(
+                f"{name}: budget={self.budget!r} applies to truncation='global_budget' "
+                f"only (got truncation={self.truncation!r}); drop budget or switch"
+            )
 
     def build(self, layer: AdaptedLayer, path: str) -> GeoLoRAAdapter:
         r = self.rank_for(path)
         limit = min(layer.in_features, layer.out_features)
         if r > limit:
-            raise AdaptkitError(f"{type(self).__name__}: rank={r} exceeds min(in_features, "
-                                f"out_features)={limit} at '{path}'; use rank <= {limit} (rank_pattern "
-                                f"can set it per layer)")
+            raise AdaptkitError(
+                f"{type(self).__name__}: rank={r} exceeds min(in_features, "
+                f"out_features)={limit} at '{path}'; use rank <= {limit} (rank_pattern "
+                f"can set it per layer)"
+            )
         r_max = min(limit, self.max_rank if self.max_rank is not None else 2 * r)
-        return GeoLoRAAdapter(layer, r, r_max, self.alpha_for(path) / r, self.tau,
-                              self.truncation, self.budget, self.min_rank, self.dropout)
+        return GeoLoRAAdapter(
+            layer,
+            r,
+            r_max,
+            self.alpha_for(path) / r,
+            self.tau,
+            self.truncation,
+            self.budget,
+            self.min_rank,
+            self.dropout,
+        )
 
 
 class GeoLoRAFunction(torch.autograd.Function):
@@ -159,8 +179,18 @@ class GeoLoRAAdapter(Adapter):
     """The GeoLoRA factors on one layer and the per-layer integrator steps (augment,
     truncate) that :class:`GeoLoRAOptimizer` drives; see the module docstring."""
 
-    def __init__(self, layer: AdaptedLayer, rank: int, r_max: int, scale: float, tau: float,
-                 truncation: str, budget: int | None, min_rank: int, dropout: float):
+    def __init__(
+        self,
+        layer: AdaptedLayer,
+        rank: int,
+        r_max: int,
+        scale: float,
+        tau: float,
+        truncation: str,
+        budget: int | None,
+        min_rank: int,
+        dropout: float,
+    ):
         super().__init__()
         w = layer.weight
         # QR / SVD / orthonormality need >= fp32; a fp64 base keeps fp64
@@ -206,9 +236,11 @@ class GeoLoRAAdapter(Adapter):
     def load_layer_state(self, state: dict[str, Any], path: str) -> None:
         r = state.get("rank", self.rank)
         if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= self.r_max:
-            raise AdaptkitError(f"GeoLoRA: the file's rank={r!r} at '{path}' does not fit this "
-                                f"layer's max_rank={self.r_max}; expected 1 <= rank <= {self.r_max} "
-                                f"(was the file written with a larger max_rank?)")
+            raise AdaptkitError(
+                f"GeoLoRA: the file's rank={r!r} at '{path}' does not fit this "
+                f"layer's max_rank={self.r_max}; expected 1 <= rank <= {self.r_max} "
+                f"(was the file written with a larger max_rank?)"
+            )
         self.rank = r
 
     # ---- the integrator steps (called by GeoLoRAOptimizer) ------------------------------
@@ -239,19 +271,19 @@ class GeoLoRAAdapter(Adapter):
         s_hat = torch.zeros(r + ra, r + ra, dtype=U.dtype, device=U.device)
         s_hat[:r, :r] = S[:r, :r] - lr * gs
         if ra:
-            ub = torch.linalg.qr(torch.cat([U[:, :r], gk], 1))[0][:, r:r + ra]  # (out, r_a)
-            vb = torch.linalg.qr(torch.cat([V[:, :r], gl], 1))[0][:, r:r + ra]  # (in, r_a)
+            ub = torch.linalg.qr(torch.cat([U[:, :r], gk], 1))[0][:, r : r + ra]  # (out, r_a)
+            vb = torch.linalg.qr(torch.cat([V[:, :r], gl], 1))[0][:, r : r + ra]  # (in, r_a)
             s_hat[:r, r:] = -lr * (gl.t() @ vb)
             s_hat[r:, :r] = -lr * (ub.t() @ gk)
-            self.U[:, r:r + ra] = ub
-            self.V[:, r:r + ra] = vb
-        self.S[:r + ra, :r + ra] = s_hat
+            self.U[:, r : r + ra] = ub
+            self.V[:, r : r + ra] = vb
+        self.S[: r + ra, : r + ra] = s_hat
         self.rank = r + ra
 
     @torch.no_grad()
     def svd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """P, σ (descending), Q with S_r = P diag(σ) Q^T, in fp32."""
-        P, sig, Qh = torch.linalg.svd(self.S[:self.rank, :self.rank].float())
+        P, sig, Qh = torch.linalg.svd(self.S[: self.rank, : self.rank].float())
         return P, sig, Qh.t()
 
     def clamp_rank(self, r_new: int) -> int:
@@ -276,8 +308,11 @@ class GeoLoRAAdapter(Adapter):
 def _slice_state(module: GeoLoRAAdapter, sd: dict, prefix: str, _meta) -> None:
     """State-dict post-hook: keep only the active slices (the file stores rank r tensors)."""
     r = module.rank
-    for k, sl in (("U", (slice(None), slice(0, r))), ("S", (slice(0, r), slice(0, r))),
-                  ("V", (slice(None), slice(0, r)))):
+    for k, sl in (
+        ("U", (slice(None), slice(0, r))),
+        ("S", (slice(0, r), slice(0, r))),
+        ("V", (slice(None), slice(0, r))),
+    ):
         if prefix + k in sd:
             sd[prefix + k] = sd[prefix + k][sl]
 
@@ -292,8 +327,12 @@ def _pad_state(module: GeoLoRAAdapter, sd: dict, prefix: str, *_args) -> None:
     U, S, V = (sd[k] for k in keys)
     r = S.shape[0] if S.dim() == 2 else -1
     want = ((module.U.shape[0], r), (r, r), (module.V.shape[0], r))
-    if not 1 <= r <= module.r_max or tuple(U.shape) != want[0] or tuple(S.shape) != want[1] \
-            or tuple(V.shape) != want[2]:
+    if (
+        not 1 <= r <= module.r_max
+        or tuple(U.shape) != want[0]
+        or tuple(S.shape) != want[1]
+        or tuple(V.shape) != want[2]
+    ):
         return
     for k, t, p in zip(keys, (U, S, V), (module.U, module.S, module.V)):
         full = torch.zeros(p.shape, dtype=t.dtype, device=t.device)

@@ -31,6 +31,7 @@ not pin this down.
 ``param_groups[0]`` is the GeoLoRA group (its ``lr`` is λ); the wrapped optimizer's groups
 follow (the same dict objects), so torch LR schedulers drive both.
 """
+
 from __future__ import annotations
 
 import math
@@ -60,26 +61,40 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
                      above); an ``lr`` here gives the other parameters their own rate.
     """
 
-    def __init__(self, model: nn.Module, lr: float = 1e-3, *, coeff_steps: int = 0,
-                 truncate_at: int | None = None, coeff_optimizer: str = "adamw",
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, rotate_moments: bool = False,
-                 optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW,
-                 optimizer_kwargs: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1e-3,
+        *,
+        coeff_steps: int = 0,
+        truncate_at: int | None = None,
+        coeff_optimizer: str = "adamw",
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        rotate_moments: bool = False,
+        optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW,
+        optimizer_kwargs: dict[str, Any] | None = None,
+    ):
         me = "GeoLoRAOptimizer"
         if not isinstance(model, nn.Module):
-            raise AdaptkitError(f"{me}: expected the model (an nn.Module), got {type(model).__name__}; "
-                                f"pass the model itself, not model.parameters()")
+            raise AdaptkitError(
+                f"{me}: expected the model (an nn.Module), got {type(model).__name__}; "
+                f"pass the model itself, not model.parameters()"
+            )
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (lr > 0 and math.isfinite(lr)):
             raise AdaptkitError(f"{me}: lr={lr!r} must be a finite number > 0; use e.g. lr=1e-3")
         if isinstance(coeff_steps, bool) or not isinstance(coeff_steps, int) or coeff_steps < 0:
-            raise AdaptkitError(f"{me}: coeff_steps={coeff_steps!r} must be an int >= 0 (0 = pure "
-                                f"Alg. 1; the reference GLUE runs use 30)")
+            raise AdaptkitError(
+                f"{me}: coeff_steps={coeff_steps!r} must be an int >= 0 (0 = pure "
+                f"Alg. 1; the reference GLUE runs use 30)"
+            )
         truncate_at = coeff_steps if truncate_at is None else truncate_at
-        if isinstance(truncate_at, bool) or not isinstance(truncate_at, int) \
-                or not 0 <= truncate_at <= coeff_steps:
-            raise AdaptkitError(f"{me}: truncate_at={truncate_at!r} must be an int in [0, coeff_steps="
-                                f"{coeff_steps}]; use None (= coeff_steps) or int(3 * coeff_steps / 4)")
+        if isinstance(truncate_at, bool) or not isinstance(truncate_at, int) or not 0 <= truncate_at <= coeff_steps:
+            raise AdaptkitError(
+                f"{me}: truncate_at={truncate_at!r} must be an int in [0, coeff_steps="
+                f"{coeff_steps}]; use None (= coeff_steps) or int(3 * coeff_steps / 4)"
+            )
         if coeff_optimizer not in ("adamw", "sgd"):
             raise AdaptkitError(f"{me}: coeff_optimizer={coeff_optimizer!r} is not 'adamw' or 'sgd'")
         geo, inactive = [], []
@@ -88,13 +103,18 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
                 if isinstance(a, GeoLoRAAdapter):
                     (geo if a.U.requires_grad else inactive).append((path, name, a))
         if not geo:
-            hint = (f"its GeoLoRA adapter(s) {sorted({n for _, n, _ in inactive})} are inactive: "
-                    f"ak.set_active(model, [...]) first" if inactive else
-                    "inject one first: ak.inject(model, ak.GeoLoRA(rank=8, tau=0.15, targets=...)), "
-                    "or use a standard torch optimizer for other methods")
-            raise AdaptkitError(f"{me}: the model has no trainable GeoLoRA layer (got "
-                                f"{type(model).__name__} with {len(adapted_layers(model))} adapted "
-                                f"layers); {hint}")
+            hint = (
+                f"its GeoLoRA adapter(s) {sorted({n for _, n, _ in inactive})} are inactive: "
+                f"ak.set_active(model, [...]) first"
+                if inactive
+                else "inject one first: ak.inject(model, ak.GeoLoRA(rank=8, tau=0.15, targets=...)), "
+                "or use a standard torch optimizer for other methods"
+            )
+            raise AdaptkitError(
+                f"{me}: the model has no trainable GeoLoRA layer (got "
+                f"{type(model).__name__} with {len(adapted_layers(model))} adapted "
+                f"layers); {hint}"
+            )
         self._geo = geo
         self.coeff_steps, self.truncate_at = coeff_steps, truncate_at
         self.coeff_optimizer, self.rotate_moments = coeff_optimizer, bool(rotate_moments)
@@ -135,9 +155,11 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
                 loss = closure()
         merged = [p for p, _, a in self._geo if a.merged]
         if merged:
-            raise AdaptkitError(f"GeoLoRAOptimizer: the adapter is merged at {merged[:3]}; training a "
-                                f"merged adapter would double-count it. Unmerge first (ak.merge with "
-                                f"unload=False is undone by adaptkit.merge.unmerge)")
+            raise AdaptkitError(
+                f"GeoLoRAOptimizer: the adapter is merged at {merged[:3]}; training a "
+                f"merged adapter would double-count it. Unmerge first (ak.merge with "
+                f"unload=False is undone by adaptkit.merge.unmerge)"
+            )
         if self.inner is not None:
             self.inner.step()
         group = self.param_groups[0]
@@ -215,23 +237,32 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         state dict (and adapter file), not here."""
         params = self.param_groups[0]["params"]
         index = {id(p): i for i, p in enumerate(params)}
-        return {"geolora": {"t": self._t, "coeff_steps": self.coeff_steps,
-                            "truncate_at": self.truncate_at,
-                            "group": {k: v for k, v in self.param_groups[0].items() if k != "params"},
-                            "state": {index[id(p)]: dict(s) for p, s in self.state.items() if s}},
-                "inner": None if self.inner is None else self.inner.state_dict()}
+        return {
+            "geolora": {
+                "t": self._t,
+                "coeff_steps": self.coeff_steps,
+                "truncate_at": self.truncate_at,
+                "group": {k: v for k, v in self.param_groups[0].items() if k != "params"},
+                "state": {index[id(p)]: dict(s) for p, s in self.state.items() if s},
+            },
+            "inner": None if self.inner is None else self.inner.state_dict(),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not isinstance(state_dict, dict) or set(state_dict) != {"geolora", "inner"}:
-            raise AdaptkitError("GeoLoRAOptimizer.load_state_dict: expected the dict written by "
-                                "GeoLoRAOptimizer.state_dict() (keys 'geolora', 'inner')")
+            raise AdaptkitError(
+                "GeoLoRAOptimizer.load_state_dict: expected the dict written by "
+                "GeoLoRAOptimizer.state_dict() (keys 'geolora', 'inner')"
+            )
         geo, params = state_dict["geolora"], self.param_groups[0]["params"]
         bad = [i for i in geo["state"] if not 0 <= int(i) < len(params)]
         if bad or (state_dict["inner"] is None) != (self.inner is None):
-            raise AdaptkitError(f"GeoLoRAOptimizer.load_state_dict: the checkpoint was written for "
-                                f"another model (parameter indices {bad[:5]}, wrapped optimizer "
-                                f"{'absent' if state_dict['inner'] is None else 'present'} there); "
-                                f"build the optimizer on the same model")
+            raise AdaptkitError(
+                f"GeoLoRAOptimizer.load_state_dict: the checkpoint was written for "
+                f"another model (parameter indices {bad[:5]}, wrapped optimizer "
+                f"{'absent' if state_dict['inner'] is None else 'present'} there); "
+                f"build the optimizer on the same model"
+            )
         self._t = int(geo["t"])
         self.param_groups[0].update(geo["group"])
         self.state.clear()

@@ -22,6 +22,7 @@ dropout multiplies the update by its draw instead of branching on it (no graph b
 skipped module then still draws its rank-dropout mask, so with both dropouts the random
 stream differs from eager's.
 """
+
 from __future__ import annotations
 
 import math
@@ -98,8 +99,10 @@ class LoKr(AdapterSpec):
                 raise AdaptkitError(f"{name}: {f} must be a bool, got {getattr(self, f)!r}")
         f = self.decompose_factor
         if isinstance(f, bool) or not isinstance(f, int) or not (f == -1 or f > 0):
-            raise AdaptkitError(f"{name}: decompose_factor={f!r} must be -1 (split near sqrt) or a "
-                                f"positive int; use e.g. decompose_factor=8")
+            raise AdaptkitError(
+                f"{name}: decompose_factor={f!r} must be -1 (split near sqrt) or a "
+                f"positive int; use e.g. decompose_factor=8"
+            )
         if self.init not in INITS:
             raise AdaptkitError(f"{name}: init={self.init!r} is not one of {INITS}")
         if self.scale_mode not in SCALE_MODES:
@@ -130,8 +133,17 @@ class LoKrAdapter(Adapter):
     (``lokr_w1`` | ``lokr_w1_a``, ``lokr_w1_b``; ``lokr_w2`` | ``lokr_w2_a``, ``lokr_w2_b``
     [, ``lokr_t2``]); a Conv1d Tucker core is (r, r, k)."""
 
-    def __init__(self, layer: AdaptedLayer, rank: int, scale: float, dims: tuple,
-                 full1: bool, full2: bool, tucker: bool, spec: LoKr):
+    def __init__(
+        self,
+        layer: AdaptedLayer,
+        rank: int,
+        scale: float,
+        dims: tuple,
+        full1: bool,
+        full2: bool,
+        tucker: bool,
+        spec: LoKr,
+    ):
         super().__init__()
         a, b, c, d, k = dims
         self.rank, self.scale, self.dims, self.tucker = rank, float(scale), dims, tucker
@@ -156,8 +168,11 @@ class LoKrAdapter(Adapter):
     def reset(self, init: str) -> None:
         """PEFT inits: "default" zeroes w1 (or w1_a), "lycoris" zeroes w2 (or w2_b), the rest
         (and everything for "random") is kaiming-uniform(a=sqrt(5))."""
-        zero = {"default": "lokr_w1" if self.full1 else "lokr_w1_a",
-                "lycoris": "lokr_w2" if self.full2 else "lokr_w2_b", "random": None}[init]
+        zero = {
+            "default": "lokr_w1" if self.full1 else "lokr_w1_a",
+            "lycoris": "lokr_w2" if self.full2 else "lokr_w2_b",
+            "random": None,
+        }[init]
         for name, p in self.named_parameters():
             if name == zero:
                 nn.init.zeros_(p)
@@ -203,8 +218,9 @@ class LoKrAdapter(Adapter):
                 # torch.compile: no branch on the draw; the update is multiplied by it below
                 # (same result; the rank-dropout draw then happens even for a skipped forward)
             if self.rank_dropout:
-                mask = (torch.rand(y.shape[-1] if layer.kind != "conv" else layer.weight.shape[0])
-                        > self.rank_dropout).float()  # (out,) rows of dW kept
+                mask = (
+                    torch.rand(y.shape[-1] if layer.kind != "conv" else layer.weight.shape[0]) > self.rank_dropout
+                ).float()  # (out,) rows of dW kept
                 if self.rank_dropout_scale:
                     mask = mask / mask.mean().clamp_min(1e-12)  # all dropped: zeros, not NaN
         dt = self.lokr_w2_b.dtype if not self.full2 else self.lokr_w2.dtype
@@ -229,34 +245,53 @@ class LoKrPeft(PeftForm):
     lokr_w2_a, _b [, lokr_t2]); PEFT stores no alpha tensor."""
 
     peft_type, prefix = "LOKR", "lokr_"
-    OPTS = ("rank_dropout", "module_dropout", "use_effective_conv2d", "decompose_both",
-            "decompose_factor", "rank_dropout_scale")
+    OPTS = (
+        "rank_dropout",
+        "module_dropout",
+        "use_effective_conv2d",
+        "decompose_both",
+        "decompose_factor",
+        "rank_dropout_scale",
+    )
     options = frozenset({"alpha", "init_weights", *OPTS})
 
     def spec_kwargs(self, cfg: dict) -> dict:
         init = cfg.get("init_weights", True)
         if init not in (True, False, "lycoris"):
             raise err(f"init_weights={init!r} is not one of True, False, 'lycoris'")
-        return dict(rank=cfg.get("r", 8), alpha=cfg.get("alpha", 8), scale_mode="peft",
-                    init={True: "default", False: "random"}.get(init, init),
-                    **{k: cfg[k] for k in self.OPTS if k in cfg})
+        return dict(
+            rank=cfg.get("r", 8),
+            alpha=cfg.get("alpha", 8),
+            scale_mode="peft",
+            init={True: "default", False: "random"}.get(init, init),
+            **{k: cfg[k] for k in self.OPTS if k in cfg},
+        )
 
     def config(self, spec: LoKr, layers: dict[str, dict]) -> dict:
         if spec.bias != "none" or spec.scale_mode != "peft":
-            raise err(f"LoKr bias={spec.bias!r}, scale_mode={spec.scale_mode!r}: PEFT's LoKr has "
-                      f"no bias option and always scales by alpha/r (scale_mode='peft')")
-        return dict(alpha=self.alpha0(spec), init_weights={"default": True, "random": False}.get(spec.init, spec.init),
-                    **{k: getattr(spec, k) for k in self.OPTS})
+            raise err(
+                f"LoKr bias={spec.bias!r}, scale_mode={spec.scale_mode!r}: PEFT's LoKr has "
+                f"no bias option and always scales by alpha/r (scale_mode='peft')"
+            )
+        return dict(
+            alpha=self.alpha0(spec),
+            init_weights={"default": True, "random": False}.get(spec.init, spec.init),
+            **{k: getattr(spec, k) for k in self.OPTS},
+        )
 
     def check_layer(self, kind: str, shape, path: str, module: nn.Module | None = None) -> None:
         """PEFT's LoKr adapts Linear and Conv2d only (its Conv1d kron puts no kernel axis on
         w1), and its conv is zero-padded."""
         if not (kind == "linear" or kind == "conv" and len(shape) == 4):
-            raise err(f"'{path}': PEFT's LoKr on a {kind} base with weight {list(shape)} differs from "
-                      f"adaptkit's (PEFT: Linear and Conv2d only; its Conv1d kron differs); exclude it")
+            raise err(
+                f"'{path}': PEFT's LoKr on a {kind} base with weight {list(shape)} differs from "
+                f"adaptkit's (PEFT: Linear and Conv2d only; its Conv1d kron differs); exclude it"
+            )
         if module is not None and kind == "conv" and module.padding_mode != "zeros":
-            raise err(f"'{path}': PEFT's LoKr on a conv with padding_mode={module.padding_mode!r} "
-                      f"computes another update (its conv is zero-padded); exclude this layer")
+            raise err(
+                f"'{path}': PEFT's LoKr on a conv with padding_mode={module.padding_mode!r} "
+                f"computes another update (its conv is zero-padded); exclude this layer"
+            )
 
     def infer_layer(self, tensors: dict, cfg: dict, path: str) -> tuple[str, tuple]:
         """out = a*b, in = c*d (* kernel); a low-rank w2_a @ w2_b hides a conv kernel, which

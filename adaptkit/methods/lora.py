@@ -19,6 +19,7 @@ Inits: "default" (A kaiming-uniform a=sqrt(5), B = 0; Embedding A = 0, B ~ N(0, 
 PEFT), "gaussian" (A ~ N(0, 1/r), B = 0), "pissa" (top-r SVD of W), "olora" (QR of W).
 The residual inits subtract s * B A from W when attached, so the output is unchanged.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,8 +44,10 @@ def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
 def check_rank(owner: str, rank: int, layer: AdaptedLayer, path: str) -> None:
     limit = min(layer.in_features, layer.out_features)
     if rank > limit:
-        raise AdaptkitError(f"{owner}: rank={rank} exceeds min(in_features, out_features)={limit} "
-                            f"at '{path}'; use rank <= {limit} (rank_pattern can set it per layer)")
+        raise AdaptkitError(
+            f"{owner}: rank={rank} exceeds min(in_features, out_features)={limit} "
+            f"at '{path}'; use rank <= {limit} (rank_pattern can set it per layer)"
+        )
 
 
 @register_method
@@ -72,8 +75,10 @@ class LoRA(AdapterSpec):
         r = self.rank_for(path)
         check_rank(type(self).__name__, r, layer, path)
         if self.init in ("pissa", "olora") and layer.kind == "embedding":
-            raise AdaptkitError(f"{type(self).__name__}: init={self.init!r} is not defined for "
-                                f"Embedding '{path}'; exclude it or use init='default'")
+            raise AdaptkitError(
+                f"{type(self).__name__}: init={self.init!r} is not defined for "
+                f"Embedding '{path}'; exclude it or use init='default'"
+            )
         s = lora_scale(self.alpha_for(path), r, self.use_rslora)
         return LoRAAdapter(layer, r, s, self.dropout, self.init)
 
@@ -143,8 +148,9 @@ class LoRAAdapter(Adapter):
                     return torch.addmm(y, h, B.t(), alpha=self.scale)
                 if y.dim() > 2 and y.dtype != torch.float32:
                     # half precision: one fused kernel also rounds once, not twice
-                    out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), B.t(),
-                                      alpha=self.scale)  # (tokens, out)
+                    out = torch.addmm(
+                        y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), B.t(), alpha=self.scale
+                    )  # (tokens, out)
                     return out.view(y.shape)
                 if y.dim() > 2:  # fp32: skipping the reshapes is cheaper than the fusion
                     return torch.add(y, F.linear(h, B), alpha=self.scale)
@@ -175,13 +181,35 @@ class LoRAPeft(PeftForm):
     peft_type, prefix, use_dora = "LORA", "lora_", False
     # options acting only at init time, on other hardware, or per base type (PEFT forces
     # fan_in_fan_out from the layer class): the stored weights mean the same whatever they say
-    options = frozenset({"lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights", "use_dora",
-                         "bias", "runtime_config", "megatron_core", "fan_in_fan_out", "qalora_group_size",
-                         "eva_config", "corda_config", "lora_ga_config", "ensure_weight_tying"})
+    options = frozenset(
+        {
+            "lora_alpha",
+            "lora_dropout",
+            "use_rslora",
+            "init_lora_weights",
+            "use_dora",
+            "bias",
+            "runtime_config",
+            "megatron_core",
+            "fan_in_fan_out",
+            "qalora_group_size",
+            "eva_config",
+            "corda_config",
+            "lora_ga_config",
+            "ensure_weight_tying",
+        }
+    )
     # weights come from the file; pissa / olora re-run on load in PEFT as in adaptkit
     # (W <- W - s B0 A0 from the same SVD / QR), so they stay exact
-    INITS = {True: "default", False: "default", "gaussian": "gaussian", "eva": "default",
-             "orthogonal": "default", "pissa": "pissa", "olora": "olora"}
+    INITS = {
+        True: "default",
+        False: "default",
+        "gaussian": "gaussian",
+        "eva": "default",
+        "orthogonal": "default",
+        "pissa": "pissa",
+        "olora": "olora",
+    }
     BIAS = {"none": "none", "all": "all", "lora_only": "adapter_only"}
 
     def reads(self, cfg: dict) -> bool:
@@ -190,22 +218,35 @@ class LoRAPeft(PeftForm):
     def spec_kwargs(self, cfg: dict) -> dict:
         init, bias = cfg.get("init_lora_weights", True), cfg.get("bias", "none")
         if init not in self.INITS:
-            raise err(f"init_lora_weights={init!r}: the adapter needs a base changed by that init "
-                      f"(or a random one) that adaptkit cannot rebuild; convert it in PEFT first "
-                      f"(path_initial_model_for_weight_conversion) or use True/'gaussian'/'pissa'/'olora'")
+            raise err(
+                f"init_lora_weights={init!r}: the adapter needs a base changed by that init "
+                f"(or a random one) that adaptkit cannot rebuild; convert it in PEFT first "
+                f"(path_initial_model_for_weight_conversion) or use True/'gaussian'/'pissa'/'olora'"
+            )
         if bias not in self.BIAS:
             raise err(f"bias={bias!r} is not one of {sorted(self.BIAS)}")
-        return dict(rank=cfg.get("r", 8), alpha=cfg.get("lora_alpha", 8), dropout=cfg.get("lora_dropout", 0.0),
-                    use_rslora=bool(cfg.get("use_rslora", False)), init=self.INITS[init], bias=self.BIAS[bias])
+        return dict(
+            rank=cfg.get("r", 8),
+            alpha=cfg.get("lora_alpha", 8),
+            dropout=cfg.get("lora_dropout", 0.0),
+            use_rslora=bool(cfg.get("use_rslora", False)),
+            init=self.INITS[init],
+            bias=self.BIAS[bias],
+        )
 
     def config(self, spec: LoRA, layers: dict[str, dict]) -> dict:
         if spec.init not in INITS:
             raise err(f"init={spec.init!r} has no PEFT equivalent")
-        return dict(lora_alpha=self.alpha0(spec), lora_dropout=spec.dropout, use_rslora=spec.use_rslora,
-                    use_dora=self.use_dora, lora_bias=False,
-                    bias={v: k for k, v in self.BIAS.items()}[spec.bias],
-                    init_lora_weights={"default": True}.get(spec.init, spec.init),
-                    fan_in_fan_out=all(d["kind"] == "conv1d_t" for d in layers.values()))
+        return dict(
+            lora_alpha=self.alpha0(spec),
+            lora_dropout=spec.dropout,
+            use_rslora=spec.use_rslora,
+            use_dora=self.use_dora,
+            lora_bias=False,
+            bias={v: k for k, v in self.BIAS.items()}[spec.bias],
+            init_lora_weights={"default": True}.get(spec.init, spec.init),
+            fan_in_fan_out=all(d["kind"] == "conv1d_t" for d in layers.values()),
+        )
 
     def layout(self, kind: str, wshape, key: str, shape) -> tuple[str, tuple]:
         ones = (1,) * (len(wshape) - 2) if kind == "conv" else ()
@@ -221,14 +262,21 @@ class LoRAPeft(PeftForm):
         """PEFT's A-conv keeps only stride and padding (ungrouped, undilated, zero-padded);
         its embedding LoRA applies max_norm / embed_scale."""
         m = module
-        if m is not None and kind == "conv" and (
-                m.padding_mode != "zeros" or m.groups != 1 or any(d != 1 for d in m.dilation)):
-            raise err(f"'{path}': PEFT's {'DoRA' if self.use_dora else 'LoRA'} on a conv with groups={m.groups}, "
-                      f"dilation={m.dilation}, padding_mode={m.padding_mode!r} computes another update "
-                      f"(its conv is ungrouped, undilated, zero-padded); exclude this layer")
+        if (
+            m is not None
+            and kind == "conv"
+            and (m.padding_mode != "zeros" or m.groups != 1 or any(d != 1 for d in m.dilation))
+        ):
+            raise err(
+                f"'{path}': PEFT's {'DoRA' if self.use_dora else 'LoRA'} on a conv with groups={m.groups}, "
+                f"dilation={m.dilation}, padding_mode={m.padding_mode!r} computes another update "
+                f"(its conv is ungrouped, undilated, zero-padded); exclude this layer"
+            )
         if m is not None and kind == "embedding" and (m.max_norm is not None or hasattr(m, "embed_scale")):
-            raise err(f"'{path}': PEFT's embedding LoRA applies max_norm / embed_scale, adaptkit's "
-                      f"does not; exclude this layer")
+            raise err(
+                f"'{path}': PEFT's embedding LoRA applies max_norm / embed_scale, adaptkit's "
+                f"does not; exclude this layer"
+            )
 
     def infer_layer(self, tensors: dict, cfg: dict, path: str) -> tuple[str, tuple]:
         t = tensors

@@ -71,6 +71,7 @@ Shapes: automatic from ``adaptkit.mpo.balanced_factors(dim, 2)`` (largest diviso
 ``out_shape`` / ``in_shape`` pairs, validated per layer. The per-layer file state records the
 shapes; a load with different shapes is refused.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -101,9 +102,11 @@ def _pair(owner: str, fld: str, value: Any) -> tuple[int, int] | None:
     except TypeError:
         t = None
     if t is None or len(t) != 2 or any(isinstance(f, bool) or not isinstance(f, int) or f < 1 for f in t):
-        raise AdaptkitError(f"{owner}: {fld}={value!r} must be None (automatic) or a pair of positive "
-                            f"ints (f1, f2) whose product is the layer's dimension; e.g. {fld}=(24, 32) "
-                            f"for 768, or adaptkit.mpo.balanced_factors(dim, 2)")
+        raise AdaptkitError(
+            f"{owner}: {fld}={value!r} must be None (automatic) or a pair of positive "
+            f"ints (f1, f2) whose product is the layer's dimension; e.g. {fld}=(24, 32) "
+            f"for 768, or adaptkit.mpo.balanced_factors(dim, 2)"
+        )
     return t  # type: ignore[return-value]
 
 
@@ -139,18 +142,24 @@ class LoRAMPO(AdapterSpec):
             raise AdaptkitError(f"{name}: use_rslora must be a bool, got {self.use_rslora!r}")
         n = self.init_niter
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
-            raise AdaptkitError(f"{name}: init_niter={n!r} must be None (exact SVD) or an int >= 0 "
-                                f"(power iterations of the randomized SVD); use e.g. init_niter=4")
+            raise AdaptkitError(
+                f"{name}: init_niter={n!r} must be None (exact SVD) or an int >= 0 "
+                f"(power iterations of the randomized SVD); use e.g. init_niter=4"
+            )
         if n is not None and self.mode == "lora":
-            raise AdaptkitError(f"{name}: init_niter={n} is not available with mode='lora', which "
-                                f"is LoRA's exact PiSSA init; drop init_niter or use mode='kron'")
+            raise AdaptkitError(
+                f"{name}: init_niter={n} is not available with mode='lora', which "
+                f"is LoRA's exact PiSSA init; drop init_niter or use mode='kron'"
+            )
         for fld in ("out_shape", "in_shape"):
             object.__setattr__(self, fld, _pair(name, fld, getattr(self, fld)))
             if self.mode == "lora" and getattr(self, fld) is not None:
                 fixed = "(out_features, 1)" if fld == "out_shape" else "(1, in_features)"
-                raise AdaptkitError(f"{name}: {fld}={getattr(self, fld)} is not allowed with "
-                                    f"mode='lora', whose shapes are fixed to {fixed}; drop {fld} "
-                                    f"or use mode='kron'")
+                raise AdaptkitError(
+                    f"{name}: {fld}={getattr(self, fld)} is not allowed with "
+                    f"mode='lora', whose shapes are fixed to {fixed}; drop {fld} "
+                    f"or use mode='kron'"
+                )
 
     # supports(): the AdapterSpec default, "linear" and "conv1d_t"
 
@@ -160,15 +169,18 @@ class LoRAMPO(AdapterSpec):
         if self.mode == "lora":
             return (out, 1), (1, inp)
         shapes = []
-        for fld, given, dim, what in (("out_shape", self.out_shape, out, "out_features"),
-                                      ("in_shape", self.in_shape, inp, "in_features")):
+        for fld, given, dim, what in (
+            ("out_shape", self.out_shape, out, "out_features"),
+            ("in_shape", self.in_shape, inp, "in_features"),
+        ):
             if given is None:
                 given = balanced_factors(dim, 2)
             elif given[0] * given[1] != dim:
                 raise AdaptkitError(
                     f"{type(self).__name__}: {fld}={given} has product {given[0] * given[1]} but "
                     f"'{path}' has {what}={dim}; give two factors multiplying to {dim} (automatic: "
-                    f"{balanced_factors(dim, 2)}) or leave {fld}=None")
+                    f"{balanced_factors(dim, 2)}) or leave {fld}=None"
+                )
             shapes.append(tuple(given))
         return shapes[0], shapes[1]  # type: ignore[return-value]
 
@@ -185,17 +197,20 @@ class LoRAMPO(AdapterSpec):
                     f"{name}: rank={r} exceeds min(o1*i1, o2*i2)={limit} for out_shape={(o1, o2)}, "
                     f"in_shape={(i1, i2)} at '{path}' (a sum of Kronecker products of these shapes "
                     f"has at most {limit} independent terms); use rank <= {limit}, other shapes, or "
-                    f"mode='lora'")
+                    f"mode='lora'"
+                )
         if not bool(torch.isfinite(layer.weight).all()):
-            raise AdaptkitError(f"{name}: the weight of '{path}' contains NaN or Inf; the "
-                                f"decomposition that initialises LoRA-MPO needs finite weights")
+            raise AdaptkitError(
+                f"{name}: the weight of '{path}' contains NaN or Inf; the "
+                f"decomposition that initialises LoRA-MPO needs finite weights"
+            )
         s = lora_scale(self.alpha_for(path), r, self.use_rslora)
-        return LoRAMPOAdapter(layer, self.mode, (o1, o2), (i1, i2), r, s, self.dropout,
-                              self.init_niter)
+        return LoRAMPOAdapter(layer, self.mode, (o1, o2), (i1, i2), r, s, self.dropout, self.init_niter)
 
 
-def _randomized_kron(w: torch.Tensor, out_shape: tuple[int, int], in_shape: tuple[int, int],
-                     rank: int, niter: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _randomized_kron(
+    w: torch.Tensor, out_shape: tuple[int, int], in_shape: tuple[int, int], rank: int, niter: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``rank`` Kronecker terms of ``w (out, in)`` like ``kron_decompose``, from a randomized
     SVD of the rearrangement (Halko et al. 2011, Alg. 4.4; probes from a fixed seed, so the same
     W gives the same factors). Returns a (r, o1, i1), b (r, o2, i2), s (r,)."""
@@ -203,25 +218,33 @@ def _randomized_kron(w: torch.Tensor, out_shape: tuple[int, int], in_shape: tupl
     m = interleaved_unfolding(w, out_shape, in_shape, 1)  # (o1*i1, o2*i2): R[(a, c), (b, d)]
     gen = torch.Generator(device=w.device).manual_seed(0)
     g = torch.randn(m.shape[1], rank + 10, generator=gen, device=w.device, dtype=w.dtype)  # (o2*i2, q)
-    q = torch.linalg.qr(m @ g).Q                          # (o1*i1, q): range of R
-    for _ in range(niter):                                # power iterations sharpen the spectrum
+    q = torch.linalg.qr(m @ g).Q  # (o1*i1, q): range of R
+    for _ in range(niter):  # power iterations sharpen the spectrum
         q = torch.linalg.qr(m @ torch.linalg.qr(m.T @ q).Q).Q
     u, s, vh = torch.linalg.svd(q.T @ m, full_matrices=False)  # (q, q), (q,), (q, o2*i2)
-    u = q @ u[:, :rank]                                   # (o1*i1, r)
-    idx = u.abs().argmax(dim=0)                           # (r,): kron_decompose's sign convention
-    sign = torch.sign(u.gather(0, idx[None, :]))          # (1, r)
+    u = q @ u[:, :rank]  # (o1*i1, r)
+    idx = u.abs().argmax(dim=0)  # (r,): kron_decompose's sign convention
+    sign = torch.sign(u.gather(0, idx[None, :]))  # (1, r)
     sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    a = (u * sign).T.reshape(rank, o1, i1)                # (r, o1*i1) -> (r, o1, i1)
-    b = (vh[:rank] * sign.T).reshape(rank, o2, i2)        # (r, o2*i2) -> (r, o2, i2)
+    a = (u * sign).T.reshape(rank, o1, i1)  # (r, o1*i1) -> (r, o1, i1)
+    b = (vh[:rank] * sign.T).reshape(rank, o2, i2)  # (r, o2*i2) -> (r, o2, i2)
     return a, b, s[:rank]
 
 
 class LoRAMPOAdapter(Adapter):
     """The LoRA-MPO update on one layer; see the module docstring for the math and shapes."""
 
-    def __init__(self, layer: AdaptedLayer, mode: str, out_shape: tuple[int, int],
-                 in_shape: tuple[int, int], rank: int, scale: float, dropout: float,
-                 init_niter: int | None = None):
+    def __init__(
+        self,
+        layer: AdaptedLayer,
+        mode: str,
+        out_shape: tuple[int, int],
+        in_shape: tuple[int, int],
+        rank: int,
+        scale: float,
+        dropout: float,
+        init_niter: int | None = None,
+    ):
         super().__init__()
         w = layer.weight
         kw = dict(device=w.device, dtype=w.dtype)
@@ -250,15 +273,15 @@ class LoRAMPOAdapter(Adapter):
             self.mpo_A.copy_(pissa.lora_B.view(o1, 1, r))  # (out, r) -> (out, i1=1, r)
             self.mpo_B.copy_(pissa.lora_A.view(r, 1, i2))  # (r, in) -> (r, o2=1, in)
             return
-        w = layer.to_2d(layer.weight.detach().float())     # (out, in)
+        w = layer.to_2d(layer.weight.detach().float())  # (out, in)
         # the exact Kronecker SVD, also when r + 10 probes would span the smaller side anyway
         if self.init_niter is None or r + 10 >= min(o1 * i1, o2 * i2):
             a, b, sv = kron_decompose(w, (o1, o2), (i1, i2), r)  # (r, o1, i1), (r, o2, i2), (r,)
         else:
             a, b, sv = _randomized_kron(w, (o1, o2), (i1, i2), r, self.init_niter)
-        root = (sv / self.scale).sqrt()                      # (r,): PiSSA's even split of σ_k / s
+        root = (sv / self.scale).sqrt()  # (r,): PiSSA's even split of σ_k / s
         self.mpo_A.copy_((a * root[:, None, None]).permute(1, 2, 0))  # (r, o1, i1) -> (o1, i1, r)
-        self.mpo_B.copy_(b * root[:, None, None])                     # (r, o2, i2)
+        self.mpo_B.copy_(b * root[:, None, None])  # (r, o2, i2)
 
     def attach(self, layer: AdaptedLayer) -> None:
         with torch.no_grad():  # W <- W - s ΔW_init: the residual keeps the output unchanged
@@ -285,8 +308,11 @@ class LoRAMPOAdapter(Adapter):
         """Whether this call computes ``x (W + s ΔW)^T`` in one matmul: the dense route, and
         nothing the sum would change (an fp32 W keeps the delta's precision; dropout would
         see another input than the base)."""
-        return (layer.weight.dtype == torch.float32 and not (self.p and self.training)
-                and x.numel() // layer.in_features >= self.dense_from)
+        return (
+            layer.weight.dtype == torch.float32
+            and not (self.p and self.training)
+            and x.numel() // layer.in_features >= self.dense_from
+        )
 
     def base_forward(self, x: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
         w, b = layer.weight, layer.bias
@@ -297,26 +323,26 @@ class LoRAMPOAdapter(Adapter):
 
     def update(self, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
         if layer._active[0] is self and self._folds(x, layer):
-            return y                                         # ΔW x is in y (base_forward)
+            return y  # ΔW x is in y (base_forward)
         A, B = self.mpo_A, self.mpo_B
         (o1, o2), (i1, i2) = self.out_shape, self.in_shape
         if self.p and self.training:
             x = F.dropout(x, self.p, True)
         x = x.to(A.dtype)
-        n = x.numel() // (i1 * i2)                           # tokens in this call
-        if n >= self.dense_from:                             # one GEMM beats two factors here
-            z = F.linear(x, self._kron_sum(A, B))            # (..., in) @ ΔW^T -> (..., out)
+        n = x.numel() // (i1 * i2)  # tokens in this call
+        if n >= self.dense_from:  # one GEMM beats two factors here
+            z = F.linear(x, self._kron_sum(A, B))  # (..., in) @ ΔW^T -> (..., out)
             return y.add(z.to(y.dtype), alpha=self.scale)
         # ΔW = sum_k kron(A_k, B_k) as two Kronecker factors with the rank folded into one
         # side (adaptkit.kron.kron_apply); "lora" shapes: two plain matmuls, as LoRA
         r = self.rank
         if self.b_first:  # kron(I_i1, B (r*o2, i2)), then kron(A (o1, i1*r), I_o2)
-            h = kron_apply(x, (i1, i2), right=B.reshape(r * o2, i2))     # (..., i1*r*o2)
+            h = kron_apply(x, (i1, i2), right=B.reshape(r * o2, i2))  # (..., i1*r*o2)
             z = kron_apply(h, (i1 * r, o2), left=A.reshape(o1, i1 * r))  # (..., o1*o2)
         else:  # kron(A (o1*r, i1), I_i2), then kron(I_o1, B (o2, r*i2))
             h = kron_apply(x, (i1, i2), left=A.permute(0, 2, 1).reshape(o1 * r, i1))  # (..., o1*r*i2)
             z = kron_apply(h, (o1, r * i2), right=B.permute(1, 0, 2).reshape(o2, r * i2))  # (..., o1*o2)
-        return y.add(z.to(y.dtype), alpha=self.scale)        # y + s ΔW x, one kernel
+        return y.add(z.to(y.dtype), alpha=self.scale)  # y + s ΔW x, one kernel
 
     def layer_state(self) -> dict[str, Any]:
         return {"mode": self.mode, "out_shape": list(self.out_shape), "in_shape": list(self.in_shape)}
@@ -324,18 +350,20 @@ class LoRAMPOAdapter(Adapter):
     def load_layer_state(self, state: dict[str, Any], path: str) -> None:
         """Refuse a file whose factor shapes differ from those this spec gives the layer (the
         residual init depends on them, so its tensors would not fit)."""
-        for k, mine in (("mode", self.mode), ("out_shape", list(self.out_shape)),
-                        ("in_shape", list(self.in_shape))):
+        for k, mine in (("mode", self.mode), ("out_shape", list(self.out_shape)), ("in_shape", list(self.in_shape))):
             if k in state and state[k] != mine:
                 raise AdaptkitError(
                     f"LoRAMPO: '{path}' was saved with {k}={state[k]!r} but the file's spec gives "
                     f"{mine!r} here; load it with the adaptkit version that wrote it, or re-save "
-                    f"it with explicit out_shape / in_shape")
+                    f"it with explicit out_shape / in_shape"
+                )
 
     def extra_repr(self) -> str:
-        return (f"mode={self.mode}, out_shape={self.out_shape}, in_shape={self.in_shape}, "
-                f"rank={self.rank}, scale={self.scale:g}"
-                + ("" if self.init_niter is None else f", init_niter={self.init_niter}"))
+        return (
+            f"mode={self.mode}, out_shape={self.out_shape}, in_shape={self.in_shape}, "
+            f"rank={self.rank}, scale={self.scale:g}"
+            + ("" if self.init_niter is None else f", init_niter={self.init_niter}")
+        )
 
 
 def num_params(out_shape: tuple[int, int], in_shape: tuple[int, int], rank: int) -> int:

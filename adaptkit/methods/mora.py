@@ -44,6 +44,7 @@ Files: this one holds the math, the ``MoRA`` spec and its adapter; ``mora_linear
 drop-in ``MoRALinear`` and ``apply_mora_linear``; ``mora_remora.py`` ReMoRA. Their public
 names are re-exported here lazily (``from adaptkit.methods.mora import ReMoRA`` works).
 """
+
 from __future__ import annotations
 
 import math
@@ -70,11 +71,14 @@ def r_hat_for(in_features: int, out_features: int, rank: int, mora_type=1) -> in
 
 def check_type(owner: str, t, r_hat: int | None = None, where: str = "") -> None:
     if isinstance(t, bool) or type(t) not in (int, str) or t not in MORA_TYPES:
-        raise AdaptkitError(f"{owner}: mora_type={t!r}{where} is not one of {MORA_TYPES}; "
-                            f"use 6 for small rank, 1 for large")
+        raise AdaptkitError(
+            f"{owner}: mora_type={t!r}{where} is not one of {MORA_TYPES}; use 6 for small rank, 1 for large"
+        )
     if r_hat is not None and t in CHUNKED and r_hat % 2:
-        raise AdaptkitError(f"{owner}: mora_type={t!r} rotates pairs and needs an even r_hat, "
-                            f"got r_hat={r_hat}{where}; use r_hat={r_hat - 1 or 2}")
+        raise AdaptkitError(
+            f"{owner}: mora_type={t!r} rotates pairs and needs an even r_hat, "
+            f"got r_hat={r_hat}{where}; use r_hat={r_hat - 1 or 2}"
+        )
 
 
 # ---- the math: the operator by reshapes and sums; the dense delta is that operator -------
@@ -126,7 +130,7 @@ def mora_update(x: torch.Tensor, M: torch.Tensor, out_features: int, mora_type, 
         xc = _pad(x, n_c * r).unflatten(-1, (n_c, r))  # (..., P) -> (..., n_c, r̂)
         if t == 6:  # R_i x: (x_j cos - x_{j+h} sin, x_{j+h} cos + x_j sin)
             cos, sin = tables
-            xc = xc * cos + torch.cat([-xc[..., r // 2:], xc[..., :r // 2]], -1) * sin
+            xc = xc * cos + torch.cat([-xc[..., r // 2 :], xc[..., : r // 2]], -1) * sin
         v = (xc @ M.t()).flatten(-2)  # u_i = M R_i x̄^(i): (..., n_c, r̂) -> v (..., P)
         return _tile(v, out_features)  # (..., out)
     if t in (1, 4):
@@ -158,7 +162,7 @@ def mora_delta(M: torch.Tensor, in_features: int, out_features: int, mora_type) 
         h = min(step, n - k)
         eye = M.new_zeros(h, n)
         eye.diagonal(k).fill_(1)  # rows e_k .. e_{k+h-1} of I_in: (h, in)
-        dw[:, k:k + h] = mora_update(eye, M, out_features, t, tables).t()  # (h, out) -> (out, h)
+        dw[:, k : k + h] = mora_update(eye, M, out_features, t, tables).t()  # (h, out) -> (out, h)
     return dw
 
 
@@ -176,15 +180,13 @@ class _MoRAState:
         elif self.mora_type == 6:
             key = (x.dtype, x.device)
             if key not in self._tables:  # fp32 tables cast to the activation dtype, per dtype
-                self._tables[key] = rope_tables(-(-self.in_features // self.r_hat), self.r_hat,
-                                                x.device, x.dtype)
+                self._tables[key] = rope_tables(-(-self.in_features // self.r_hat), self.r_hat, x.device, x.dtype)
             tables = self._tables[key]
         return mora_update(x, M, self.out_features, self.mora_type, tables)
 
     def dense_delta(self, dtype=torch.float32) -> torch.Tensor:
         """ΔW on the (out, in) view, in ``dtype`` (fp32 by default)."""
-        return mora_delta(self.mora_M.detach().to(dtype), self.in_features, self.out_features,
-                          self.mora_type)
+        return mora_delta(self.mora_M.detach().to(dtype), self.in_features, self.out_features, self.mora_type)
 
     @torch.no_grad()
     def reset(self, new_type=None) -> None:
@@ -213,9 +215,11 @@ class MoRA(AdapterSpec):
     def validate(self) -> None:
         n = type(self).__name__
         if self.alpha is not None or self.alpha_pattern:
-            raise AdaptkitError(f"{n}: got alpha={self.alpha!r}, alpha_pattern="
-                                f"{self.alpha_pattern!r} but MoRA has no alpha (its scale is 1); "
-                                f"leave both unset")
+            raise AdaptkitError(
+                f"{n}: got alpha={self.alpha!r}, alpha_pattern="
+                f"{self.alpha_pattern!r} but MoRA has no alpha (its scale is 1); "
+                f"leave both unset"
+            )
         for fld in ("r_hat", "merge_every"):
             if getattr(self, fld) is not None:
                 self._check_rank(n, fld, getattr(self, fld))
@@ -226,8 +230,7 @@ class MoRA(AdapterSpec):
         return kind in ("linear", "conv1d_t")
 
     def build(self, layer: AdaptedLayer, path: str) -> MoRAAdapter:
-        r = self.r_hat or r_hat_for(layer.in_features, layer.out_features, self.rank_for(path),
-                                    self.mora_type)
+        r = self.r_hat or r_hat_for(layer.in_features, layer.out_features, self.rank_for(path), self.mora_type)
         return MoRAAdapter(layer, r, self.mora_type, self.dropout)
 
 
@@ -254,21 +257,36 @@ class MoRAAdapter(_MoRAState, Adapter):
         t = state.get("mora_type", self.mora_type)
         check_type("MoRA", t, self.r_hat, f" in the file's state of '{path}'")
         if state.get("r_hat", self.r_hat) != self.r_hat:
-            raise AdaptkitError(f"MoRA: the file has r_hat={state['r_hat']} at '{path}', the spec "
-                                f"gives {self.r_hat}; the file is corrupt or was edited")
+            raise AdaptkitError(
+                f"MoRA: the file has r_hat={state['r_hat']} at '{path}', the spec "
+                f"gives {self.r_hat}; the file is corrupt or was edited"
+            )
         self.mora_type = t
 
 
 # ---- lazy re-exports: the split modules import this one, so an eager import here would be
 # circular (importing mora_linear first would find MoRALinear undefined); PEP 562 instead.
-_MOVED = {"MoRALinear": "mora_linear", "apply_mora_linear": "mora_linear",
-          **{k: "mora_remora" for k in ("ReMoRA", "CYCLES", "RESETS", "mora_modules",
-                                        "merge_and_reset_mora_linear", "update_model_mora_linear")}}
+_MOVED = {
+    "MoRALinear": "mora_linear",
+    "apply_mora_linear": "mora_linear",
+    **{
+        k: "mora_remora"
+        for k in (
+            "ReMoRA",
+            "CYCLES",
+            "RESETS",
+            "mora_modules",
+            "merge_and_reset_mora_linear",
+            "update_model_mora_linear",
+        )
+    },
+}
 
 
 def __getattr__(name: str):
     if name in _MOVED:
         import importlib
+
         return getattr(importlib.import_module(f".{_MOVED[name]}", __package__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -8,6 +8,7 @@ default ``mora_type`` is 6 (the DESIGN signature). A MoRALinear is an adapted la
 merge, unmerge and ``ak.merge`` are the shared ones; only the state-dict layout is its own
 (``mora_M`` beside ``weight`` / ``bias``, so a plain nn.Linear checkpoint loads).
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,27 +37,54 @@ class MoRALinear(AdaptedLayer, nn.Linear):
     owns_adapters = True
     _base_cls = nn.Linear
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, rank: int = 8,
-                 mora_type=6, r_hat: int | None = None, dropout: float = 0.0,
-                 merge_every: int | None = None, freeze_base: bool = True, device=None, dtype=None):
-        self._setup(nn.Linear(in_features, out_features, bias, device=device, dtype=dtype),
-                    rank, mora_type, r_hat, dropout, merge_every, freeze_base)
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        rank: int = 8,
+        mora_type=6,
+        r_hat: int | None = None,
+        dropout: float = 0.0,
+        merge_every: int | None = None,
+        freeze_base: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        self._setup(
+            nn.Linear(in_features, out_features, bias, device=device, dtype=dtype),
+            rank,
+            mora_type,
+            r_hat,
+            dropout,
+            merge_every,
+            freeze_base,
+        )
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, rank: int = 8, mora_type=6, r_hat: int | None = None,
-                    dropout: float = 0.0, merge_every: int | None = None,
-                    freeze_base: bool = True) -> MoRALinear:
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        *,
+        rank: int = 8,
+        mora_type=6,
+        r_hat: int | None = None,
+        dropout: float = 0.0,
+        merge_every: int | None = None,
+        freeze_base: bool = True,
+    ) -> MoRALinear:
         """Wrap ``linear``: its weight / bias Parameters are reused (no copy, no re-init)."""
         if not isinstance(linear, nn.Linear):
-            raise AdaptkitError(f"MoRALinear.from_linear: expected an nn.Linear, got "
-                                f"{type(linear).__name__}")
+            raise AdaptkitError(f"MoRALinear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
         m = cls.__new__(cls)
         m._setup(linear, rank, mora_type, r_hat, dropout, merge_every, freeze_base)
         return m
 
     def _setup(self, linear, rank, mora_type, r_hat, dropout, merge_every, freeze_base):
-        spec = MoRA(rank=rank, r_hat=r_hat, mora_type=mora_type, dropout=dropout,
-                    merge_every=merge_every, targets=".*")  # validates the arguments
+        spec = MoRA(
+            rank=rank, r_hat=r_hat, mora_type=mora_type, dropout=dropout, merge_every=merge_every, targets=".*"
+        )  # validates the arguments
         self._adopt(linear, LinearBase(linear))
         self.merge_every = merge_every
         self._base_grad = {k: p.requires_grad for k, p in linear._parameters.items() if p is not None}
@@ -139,12 +167,17 @@ def apply_mora_linear(model: nn.Module, targets=None, exclude=None, **kw) -> lis
     or list; default all) and not ``exclude`` for ``MoRALinear.from_linear(m, **kw)``.
     Subclasses of nn.Linear are left alone (e.g. MultiheadAttention's out_proj, whose owner
     reads its weight directly, would silently lose the update). Returns the paths."""
-    paths = [p for p, m in model.named_modules() if p and type(m) is nn.Linear
-             and (targets is None or matches(targets, p)) and not matches(exclude, p)]
+    paths = [
+        p
+        for p, m in model.named_modules()
+        if p and type(m) is nn.Linear and (targets is None or matches(targets, p)) and not matches(exclude, p)
+    ]
     if not paths:
-        raise AdaptkitError(f"apply_mora_linear: no nn.Linear matches targets={targets!r} "
-                            f"exclude={exclude!r} (the root module cannot be swapped in place; "
-                            f"use MoRALinear.from_linear for it)")
+        raise AdaptkitError(
+            f"apply_mora_linear: no nn.Linear matches targets={targets!r} "
+            f"exclude={exclude!r} (the root module cannot be swapped in place; "
+            f"use MoRALinear.from_linear for it)"
+        )
     new = {p: MoRALinear.from_linear(model.get_submodule(p), **kw) for p in paths}
     for p, m in new.items():
         model.set_submodule(p, m)

@@ -10,6 +10,7 @@ unload: that file's docstring); this file is the spec. Inject quantises each mat
 Linear (same bytes every time) or adopts an NF4 base with the same settings; the adapters
 are LoRA's / DoRA's, built in the compute dtype (``NF4Base.param_kw``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,8 +49,10 @@ class QLoRA(LoRA):
         super().validate()
         name = type(self).__name__
         if self.init not in ("default", "gaussian"):
-            raise AdaptkitError(f"{name}: init={self.init!r} rewrites the base weight (W - s B A), "
-                                f"which is frozen NF4 here; use init='default' or 'gaussian'")
+            raise AdaptkitError(
+                f"{name}: init={self.init!r} rewrites the base weight (W - s B A), "
+                f"which is frozen NF4 here; use init='default' or 'gaussian'"
+            )
         check_settings(name, self.blocksize, self.double_quant, self.compute_dtype)
         if not isinstance(self.use_dora, bool):
             raise AdaptkitError(f"{name}: use_dora must be a bool, got {self.use_dora!r}")
@@ -59,8 +62,9 @@ class QLoRA(LoRA):
 
     def settings(self) -> dict:
         """Keyword arguments of NF4Linear.from_linear for this spec."""
-        return dict(blocksize=self.blocksize, double_quant=self.double_quant,
-                    compute_dtype=DTYPES.get(self.compute_dtype))
+        return dict(
+            blocksize=self.blocksize, double_quant=self.double_quant, compute_dtype=DTYPES.get(self.compute_dtype)
+        )
 
     def prepare_base(self, module: nn.Module, path: str) -> nn.Module:
         """An NF4 copy of a float nn.Linear; an NF4 base (wrapped or not) as it is."""
@@ -72,12 +76,15 @@ class QLoRA(LoRA):
                     f"QLoRA: '{path}' is already NF4 with blocksize={got[0]}, double_quant={got[1]}, "
                     f"compute_dtype={DTYPE_NAMES[module.compute_dtype]!r}; the spec asks blocksize="
                     f"{self.blocksize}, double_quant={self.double_quant}, compute_dtype="
-                    f"{self.compute_dtype!r}. Use the base's settings (compute_dtype=None keeps its own)")
+                    f"{self.compute_dtype!r}. Use the base's settings (compute_dtype=None keeps its own)"
+                )
             return module
         if isinstance(module, AdaptedLayer):
-            raise AdaptkitError(f"QLoRA: '{path}' already carries adapters {list(module.adapters)} on "
-                                f"a float weight, which quantising would change; inject QLoRA first, "
-                                f"or quantise with adaptkit.nf4.quantize before any adapter")
+            raise AdaptkitError(
+                f"QLoRA: '{path}' already carries adapters {list(module.adapters)} on "
+                f"a float weight, which quantising would change; inject QLoRA first, "
+                f"or quantise with adaptkit.nf4.quantize before any adapter"
+            )
         return NF4Linear.from_linear(module, **self.settings())
 
     def build(self, layer: AdaptedLayer, path: str) -> LoRAAdapter:
