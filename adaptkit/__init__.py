@@ -18,7 +18,7 @@ from .inject import delete, disabled, inject, set_active, summary
 from .io import load, save
 from .lora_convert import to_lora  # any adapter -> a plain LoRA (truncated SVD)
 from .merge import merge
-from .methods import DoRA, GeoLoRA, GeoLoRAOptimizer, LoKr, LoRA, LoRAMPO, MoRA, MoRALinear, QLoRA
+from .methods import DoRA, GeoLoRA, GeoLoRAOptimizer, LoKr, LoRA, LoRAMPO, MoRA, MoRALinear, QLoRA, TrainableTokens
 from .optim import param_groups  # LoRA+ learning-rate groups
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "MoRA",
     "MoRALinear",
     "QLoRA",
+    "TrainableTokens",
     "combine",
     "delete",
     "disabled",

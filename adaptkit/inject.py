@@ -90,6 +90,9 @@ def plan(
         raise AdaptkitError(f"inject: expected a spec such as ak.LoRA(...), got {type(spec).__name__}")
     check_name(model, name)
     paths = select(model, spec) if paths is None else paths
+    tied = getattr(spec, "tied_paths", None)  # TrainableTokens: + modules sharing the weight (lm_head)
+    if tied is not None:
+        paths = tied(model, paths)
     errors, built = [], []
     for path in paths:
         try:
@@ -119,6 +122,8 @@ def plan(
             errors.append(str(e))
             continue
         built.append((path, layer, adapter))
+    if hasattr(spec, "link") and not errors:  # TrainableTokens: tie the adapters sharing one weight
+        errors += spec.link(built)
     extras: list[str] = []
     try:
         for p in saved_modules(model, spec.modules_to_save):

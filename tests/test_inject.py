@@ -284,7 +284,11 @@ def test_module_apply_works_after_inject(method):
     """nn.Module.apply(fn) (transformers' post_init, init helpers) reaches every module of an
     injected model: the adapter hook is ``update``, so it no longer shadows Module.apply."""
     m = LM()
-    ak.inject(m, ak.methods.METHODS[method](rank=2, targets=r".*\.q_proj"))
+    kw = dict(rank=2, targets=r".*\.q_proj")
+    if method == "trainable_tokens":  # trains rows of an Embedding
+        m.model.embed_tokens = nn.Embedding(5, 8)
+        kw = dict(token_ids=[1], targets=r"model\.embed_tokens")
+    ak.inject(m, ak.methods.METHODS[method](**kw))
     seen = []
     m.apply(lambda mod: seen.append(type(mod).__name__))
     assert len(seen) == len(list(m.modules())) and any(s.startswith("Adapted") for s in seen)

@@ -13,5 +13,18 @@ from .lorampo import LoRAMPO
 from .mora import MoRA
 from .mora_linear import MoRALinear
 from .qlora_nf4 import QLoRA
+from .tokens import TrainableTokens
 
-__all__ = ["METHODS", "DoRA", "GeoLoRA", "GeoLoRAOptimizer", "LoKr", "LoRA", "LoRAMPO", "MoRA", "MoRALinear", "QLoRA"]
+__all__ = [
+    "METHODS",
+    "DoRA",
+    "GeoLoRA",
+    "GeoLoRAOptimizer",
+    "LoKr",
+    "LoRA",
+    "LoRAMPO",
+    "MoRA",
+    "MoRALinear",
+    "QLoRA",
+    "TrainableTokens",
+]

@@ -21,6 +21,9 @@ CASES = {
              {"linear", "conv1d_t"}, (2e-5, 3e-2)),
     "qlora": (lambda **kw: ak.QLoRA(rank=3, alpha=5.0, targets=TARGET, **kw), {"linear"}, (2e-5, 3e-2),
               lambda model: ak.nf4.quantize(model, targets=TARGET)),
+    # ids 3 and 29 (the last row) appear in the inputs; 0 is the base's padding_idx
+    "trainable_tokens": (lambda **kw: ak.TrainableTokens(token_ids=[29, 3, 11, 17], targets=TARGET, **kw),
+                         {"embedding"}, (2e-5, 3e-2)),
     # variants ("method/variant": the same invariants for a non-default configuration)
     "qlora/qdora": (lambda **kw: ak.QLoRA(rank=3, alpha=5.0, targets=TARGET, use_dora=True, **kw),
                     {"linear"}, (2e-5, 3e-2), lambda model: ak.nf4.quantize(model, targets=TARGET)),

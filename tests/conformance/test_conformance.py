@@ -152,7 +152,7 @@ def test_save_load_bit_exact(method, base, bias, dt, tmp_path):
     assert torch.equal(net(x), other(x))
 
 
-@pytest.mark.parametrize("method", list(CASES))
+@pytest.mark.parametrize("method", [m for m in CASES if "linear" in CASES[m][1]])  # an Embedding has no bias
 def test_bias_modes_train_and_save_biases(method, tmp_path):
     make, kinds, _ = CASES[method][:3]
     net = Net(torch.nn.Linear(24, 20)).to(DEVICE)
