@@ -25,9 +25,10 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from .errors import AdaptkitError
-from .inject import state
+from .inject import check_name, delete, state
 from .io import FORMAT, _version, adapter_tensors, atomic_write, load_tensors, write_safetensors
 from .layer import AdaptedLayer, base_kind, stand_in
+from .merge import merge
 from .peft_config import (
     PeftForm,
     form_of,
@@ -103,6 +104,7 @@ def from_peft(
     method, kw = spec_fields(cfg)
     fm = form(method)
     groups, rest = group_keys(method, tensors, where)
+    groups = fm.read_groups(groups, cfg)
     pos = {n: i for i, n in enumerate(order)}
     paths = sorted(groups, key=lambda p: pos.get(p, len(pos)))
     if not paths:
@@ -198,6 +200,7 @@ def to_peft(tensors: dict, meta: dict, names: list[str] | None = None) -> tuple[
             out[f"{PREFIX}{p}.{pk}"] = t.reshape(ps)  # adaptkit layout -> PEFT's
     if problems:
         raise _err("the adapter's tensors do not fit its spec: " + "; ".join(problems))
+    out = fm.write_tensors(out, layers)
     saved: list[str] = []
     for q in sorted(set(tensors) - used):
         s = q.split(".")
@@ -271,11 +274,9 @@ def write_folder(folder, cfg: dict, tensors: dict) -> None:
 
 
 # ---- model level -------------------------------------------------------------------------
-def read_peft(model: nn.Module, folder, name: str = "default") -> list[str]:
-    """Inject the PEFT adapter in ``folder`` into ``model`` as adapter ``name``; returns the
-    adapted paths. The config's targets (PEFT's rules, on ``model``) must be the file's layers."""
-    cfg, tensors = read_folder(folder)
-    where, modules = f"'{os.fspath(folder)}'", base_modules(model)
+def _prepared(model: nn.Module, modules: dict, cfg: dict, tensors: dict, where: str) -> tuple[dict, dict]:
+    """(adaptkit tensors, metadata) of one PEFT adapter, checked against ``model``: the
+    config's targets (PEFT's rules, on ``model``) must be the file's layers."""
     method, targets = spec_fields(cfg)[0], peft_targets(cfg, modules)
 
     def layer_of(p, _):
@@ -294,21 +295,78 @@ def read_peft(model: nn.Module, folder, name: str = "default") -> list[str]:
             f"do not select {extra}, which the file adapts"
         ] * bool(extra)
         raise _err(f"{where}: on this model target_modules {' and '.join(parts)}; wrong base model? Nothing was loaded")
-    return load_tensors(model, out, meta, name, where)
+    return out, meta
 
 
-def write_peft(model: nn.Module, folder, name: str = "default") -> None:
+def _input_embeddings(modules: dict) -> str:
+    """The path of the model's input embeddings (``get_input_embeddings``), else "embed_tokens"
+    (PEFT's ``_get_input_embeddings_name``)."""
+    get = getattr(modules[""], "get_input_embeddings", None)
+    try:
+        emb = get() if callable(get) else None
+    except Exception:  # noqa: BLE001 - a user model's method (transformers may raise NotImplementedError)
+        emb = None
+    return next((n for n, m in modules.items() if n and m is emb), "embed_tokens")
+
+
+def read_peft(model: nn.Module, folder, name: str = "default", tokens_name: str | None = None) -> list[str]:
+    """Inject the PEFT adapter in ``folder`` into ``model`` as adapter ``name``; returns the
+    adapted paths. The config's targets (PEFT's rules, on ``model``) must be the file's layers.
+    A LoRA folder with ``trainable_token_indices`` becomes two adapters: the LoRA as ``name``
+    and an ``ak.TrainableTokens`` as ``tokens_name`` (default ``f"{name}_tokens"``); both are
+    checked before either is injected."""
+    cfg, tensors = read_folder(folder)
+    where, modules = f"'{os.fspath(folder)}'", base_modules(model)
+    parts = [(name, cfg, tensors)]
+    if cfg.get("trainable_token_indices") is not None:
+        tname = tokens_name or f"{name}_tokens"
+        lcfg, ltensors, tcfg, ttensors = form("trainable_tokens").split(cfg, tensors, _input_embeddings(modules))
+        parts = [(name, lcfg, ltensors), (tname, tcfg, ttensors)]
+        check_name(model, tname, "read_peft")
+        if tname == name:
+            raise _err(f"tokens_name={tname!r} is the LoRA's name; give the trainable tokens another name")
+    ready = [(n, *_prepared(model, modules, c, t, where)) for n, c, t in parts]
+    paths: list[str] = []
+    for i, (n, out, meta) in enumerate(ready):
+        try:
+            paths += load_tensors(model, out, meta, n, where)
+        except AdaptkitError:
+            _rollback(model, [m for m, _, _ in ready[:i]])
+            raise
+    return paths
+
+
+def _rollback(model: nn.Module, names: list[str]) -> None:
+    """Remove the adapters a failed read_peft injected (restoring the model as it was)."""
+    for n in names:
+        delete(model, n)
+    if names and not state(model).specs:
+        merge(model)  # no adapter left: classes and requires_grad flags as before the first inject
+
+
+def write_peft(model: nn.Module, folder, name: str = "default", tokens: str | None = None) -> None:
     """Write adapter ``name`` of ``model`` as a PEFT adapter folder that
-    ``PeftModel.from_pretrained(base, folder)`` loads to the same outputs."""
+    ``PeftModel.from_pretrained(base, folder)`` loads to the same outputs. ``tokens``: the name
+    of an ``ak.TrainableTokens`` adapter written into the same (LoRA) folder as PEFT's
+    ``trainable_token_indices``."""
     st = state(model)
-    if name not in st.specs:
-        raise _err(f"no adapter named {name!r}; this model has {sorted(st.specs)}")
-    tensors, layers = adapter_tensors(model, name)
-    for p, d in layers.items():
-        if d["method"] == st.specs[name].method:
-            check_layer(d["method"], d["kind"], d["shape"], p, model.get_submodule(p))
-    meta = {"adaptkit.spec": json.dumps(st.specs[name].to_dict()), "adaptkit.layers": json.dumps(layers)}
-    write_folder(folder, *to_peft(tensors, meta, [n for n in base_modules(model) if n]))
+    names = [n for n in (name, tokens) if n is not None]
+    for n in names:
+        if n not in st.specs:
+            raise _err(f"no adapter named {n!r}; this model has {sorted(st.specs)}")
+    if tokens is not None and st.specs[tokens].method != "trainable_tokens":
+        raise _err(f"tokens={tokens!r} is a {st.specs[tokens].method} adapter, expected ak.TrainableTokens")
+    mods = [n for n in base_modules(model) if n]
+    done = []
+    for n in names:
+        tensors, layers = adapter_tensors(model, n)
+        for p, d in layers.items():
+            if d["method"] == st.specs[n].method:
+                check_layer(d["method"], d["kind"], d["shape"], p, model.get_submodule(p))
+        meta = {"adaptkit.spec": json.dumps(st.specs[n].to_dict()), "adaptkit.layers": json.dumps(layers)}
+        done.append(to_peft(tensors, meta, mods))
+    cfg, out = done[0] if tokens is None else form("trainable_tokens").join(*done[0], *done[1])
+    write_folder(folder, cfg, out)
 
 
 load_peft, save_peft = read_peft, write_peft

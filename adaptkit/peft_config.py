@@ -190,6 +190,20 @@ class PeftForm:
             f"'{path}': the {self.peft_type} tensors do not tell the base's shape; give the base weights (--base)"
         )
 
+    def full_config(self, common: dict, spec: AdapterSpec, layers: dict[str, dict]) -> dict:
+        """The whole adapter_config.json from the shared fields ``common`` (default: those
+        plus :meth:`config`); a config class without them (TrainableTokens) builds its own."""
+        return common | self.config(spec, layers)
+
+    def read_groups(self, groups: dict, cfg: dict) -> dict:
+        """{adapted path: tensors} of a file to read (default: all; TrainableTokens drops the
+        copies PEFT writes at tied modules)."""
+        return groups
+
+    def write_tensors(self, out: dict, layers: dict[str, dict]) -> dict:
+        """The PEFT tensors to write (default: ``out``; TrainableTokens adds tied copies)."""
+        return out
+
     @staticmethod
     def alpha0(spec: AdapterSpec):
         """The spec's default alpha as PEFT writes it (alpha None means alpha = rank)."""
@@ -272,4 +286,4 @@ def peft_config(spec: AdapterSpec, layers: dict[str, dict], saved: list[str]) ->
         "alpha_pattern": _pattern_keys(paths, {p: spec.alpha_for(p) for p in paths}, form.alpha0(spec)),
         "modules_to_save": saved or None,
     }
-    return cfg | form.config(spec, layers)
+    return form.full_config(cfg, spec, layers)

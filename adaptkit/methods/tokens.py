@@ -25,6 +25,7 @@ docs/ARCHITECTURE.md ("Trainable tokens").
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 
 from ..errors import AdaptkitError
 from ..layer import AdaptedLayer, Adapter, base_kind
+from ..peft_config import PeftForm, err
 from ..spec import AdapterSpec, Pattern, register_method
 
 INITS = ("copy", "random")
@@ -197,3 +199,108 @@ class TokensAdapter(Adapter):
             return (y.to(u.dtype) + u).to(y.dtype)
         cols = x.to(d.dtype) @ d.t()  # (..., n): the logits of the trained ids
         return y.index_add(-1, ids, cols.to(y.dtype))
+
+
+# ---- PEFT interop (ak.peft_compat) -----------------------------------------------------------
+class TrainableTokensPeft(PeftForm):
+    """PEFT's ``TrainableTokensConfig`` <-> :class:`TrainableTokens`. Tensor of adapted
+    embedding p (the same data; the rows themselves, whatever PEFT's name says):
+        p.trainable_tokens_delta (n, d) <-> p.token_values (n, d)
+    PEFT writes that tensor again at every module tied to the embedding (lm_head): reading
+    drops those copies (adaptkit ties on the model it loads into), writing adds them. In a
+    LoRA folder (``LoraConfig(trainable_token_indices=...)``) the tensor is
+    p.token_adapter.trainable_tokens_delta and tied copies are not written: :meth:`split`
+    and :meth:`join` move it between that folder and two adaptkit adapters."""
+
+    peft_type, prefix = "TRAINABLE_TOKENS", "trainable_tokens_"
+    options = frozenset({"token_indices", "init_weights"})
+    KEY, IN_LORA = "trainable_tokens_delta", ".token_adapter.trainable_tokens_delta"
+
+    def spec_kwargs(self, cfg: dict) -> dict:
+        # init_weights only picks the initial rows; the file holds the trained ones
+        return dict(rank=8, alpha=None, token_ids=cfg.get("token_indices"))
+
+    def full_config(self, common: dict, spec: TrainableTokens, layers: dict[str, dict]) -> dict:
+        if spec.modules_to_save or spec.bias != "none":
+            raise err("TrainableTokensConfig has no modules_to_save or bias; save those in another adapter")
+        return {
+            "peft_type": self.peft_type,
+            "task_type": None,
+            "inference_mode": True,
+            "target_modules": [p for p, d in layers.items() if d["kind"] == "embedding"],
+            "token_indices": list(spec.token_ids),
+            "init_weights": True,
+        }
+
+    def layout(self, kind: str, wshape, key: str, shape) -> tuple[str, tuple]:
+        return self.KEY, tuple(shape)
+
+    def check_layer(self, kind: str, shape, path: str, module: nn.Module | None = None) -> None:
+        if module is not None and kind == "embedding" and hasattr(module, "embed_scale"):
+            raise err(f"'{path}': PEFT's trainable tokens apply embed_scale, adaptkit's do not; exclude this layer")
+
+    def read_groups(self, groups: dict, cfg: dict) -> dict:
+        """The file's groups without the tied copies: a group equal to a targeted one that
+        ``target_modules`` does not select itself."""
+        tm = cfg.get("target_modules")
+        if tm is None:
+            return groups
+
+        def targeted(p: str) -> bool:
+            return (
+                re.fullmatch(tm, p) is not None
+                if isinstance(tm, str)
+                else any(p == t or p.endswith("." + t) for t in tm)
+            )
+
+        def same(g: dict, h: dict) -> bool:
+            return g.keys() == h.keys() and all(g[k].shape == h[k].shape and torch.equal(g[k], h[k]) for k in g)
+
+        return {
+            p: g
+            for p, g in groups.items()
+            if targeted(p) or not any(q != p and targeted(q) and same(g, h) for q, h in groups.items())
+        }
+
+    def write_tensors(self, out: dict, layers: dict[str, dict]) -> dict:
+        """Add PEFT's copies of the rows at the tied (non-embedding) layers."""
+        from ..peft_compat import PREFIX
+
+        emb = [p for p, d in layers.items() if d["kind"] == "embedding"]
+        tied = [p for p, d in layers.items() if d["kind"] != "embedding"]
+        if tied and len(emb) != 1:
+            raise err(f"tied layers {tied} and embeddings {emb}: PEFT ties to one input embedding")
+        return out | {f"{PREFIX}{p}.{self.KEY}": out[f"{PREFIX}{emb[0]}.{self.KEY}"] for p in tied}
+
+    def split(self, cfg: dict, tensors: dict, input_embeddings: str) -> tuple[dict, dict, dict, dict]:
+        """A LoRA folder with ``trainable_token_indices`` -> (LoRA config, LoRA tensors,
+        TrainableTokens config, its tensors)."""
+        tti = cfg["trainable_token_indices"]
+        table = tti if isinstance(tti, dict) else {input_embeddings: tti}
+        if not table or any(list(v) != list(next(iter(table.values()))) for v in table.values()):
+            raise err(
+                f"trainable_token_indices={tti!r:.200}: adaptkit's TrainableTokens trains one list of "
+                f"ids per adapter; give every layer the same ids"
+            )
+        tok = {k[: -len(self.IN_LORA)] + "." + self.KEY: v for k, v in tensors.items() if k.endswith(self.IN_LORA)}
+        rest = {k: v for k, v in tensors.items() if not k.endswith(self.IN_LORA)}
+        stored = [k[: -len(self.KEY) - 1] for k in tok]
+        tcfg = {
+            "peft_type": self.peft_type,
+            "target_modules": [n for n in table if any(p.endswith(n) for p in stored)],  # not the tied ones
+            "token_indices": list(next(iter(table.values()))),
+        }
+        return {k: v for k, v in cfg.items() if k != "trainable_token_indices"}, rest, tcfg, tok
+
+    def join(self, cfg: dict, tensors: dict, tcfg: dict, ttensors: dict) -> tuple[dict, dict]:
+        """:meth:`split`'s inverse: a LoRA folder's config and tensors carrying the rows."""
+        from ..peft_compat import PREFIX
+
+        if cfg.get("peft_type") != "LORA":
+            raise err(f"trainable tokens ride along a LoRA / DoRA folder only, not {cfg.get('peft_type')!r}")
+        emb, ids = tcfg["target_modules"], tcfg["token_indices"]
+        rows = {f"{PREFIX}{p}{self.IN_LORA}": ttensors[f"{PREFIX}{p}.{self.KEY}"] for p in emb}
+        return cfg | {"trainable_token_indices": dict.fromkeys(emb, ids)}, tensors | rows
+
+
+TrainableTokens.peft_form = TrainableTokensPeft()

@@ -9,6 +9,7 @@ import torch.nn as nn
 from safetensors import safe_open
 
 import adaptkit as ak
+from adaptkit.inject import state
 from adaptkit.layer import AdaptedLayer
 
 transformers = pytest.importorskip("transformers")
@@ -236,3 +237,98 @@ def test_spec_json_round_trip():
     d = s.to_dict()
     assert d["token_ids"] == [49152, 49153]
     assert ak.TrainableTokens.from_dict(json.loads(json.dumps(d))) == s
+
+
+# ---- PEFT interop: PEFT 0.21 as the oracle ------------------------------------------------------
+def _peft_model(config, seed=5):
+    peft = pytest.importorskip("peft")
+    pm = peft.get_peft_model(llama(), config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "trainable_tokens_delta" in n or "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g))
+    return pm.eval()
+
+
+def _peft_load(folder):
+    peft = pytest.importorskip("peft")
+    import warnings
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        pm = peft.PeftModel.from_pretrained(llama(), folder).eval()
+    assert not [w for w in seen if "missing" in str(w.message) or "nexpected" in str(w.message)]
+    return pm
+
+
+def _keys(folder):
+    with safe_open(folder / "adapter_model.safetensors", "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_peft_trainable_tokens_config_both_ways(tmp_path):
+    peft = pytest.importorskip("peft")
+    x = tokens_in()
+    pm = _peft_model(peft.TrainableTokensConfig(token_indices=IDS, target_modules=["embed_tokens"]))
+    want = logits(pm, x)
+    pm.save_pretrained(tmp_path / "peft")
+    m = llama()
+    assert ak.peft_compat.read_peft(m, tmp_path / "peft") == ["model.embed_tokens", "lm_head"]
+    assert ak.summary(m).per_adapter["default"]["method"] == "trainable_tokens"
+    torch.testing.assert_close(logits(m, x), want, atol=1e-5, rtol=1e-5)
+    ak.peft_compat.write_peft(m, tmp_path / "back")
+    a, b = _keys(tmp_path / "peft"), _keys(tmp_path / "back")
+    assert a.keys() == b.keys() == {"base_model.model.model.embed_tokens.trainable_tokens_delta",
+                                    "base_model.model.lm_head.trainable_tokens_delta"}
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    torch.testing.assert_close(logits(_peft_load(tmp_path / "back"), x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_peft_lora_with_trainable_token_indices_both_ways(tmp_path):
+    peft = pytest.importorskip("peft")
+    x = tokens_in()
+    cfg = peft.LoraConfig(r=2, lora_alpha=5, target_modules=["q_proj", "v_proj"], trainable_token_indices=IDS)
+    pm = _peft_model(cfg)
+    want = logits(pm, x)
+    pm.save_pretrained(tmp_path / "peft")
+    m = llama()
+    paths = ak.peft_compat.read_peft(m, tmp_path / "peft", name="default", tokens_name="tokens")
+    assert paths[-2:] == ["model.embed_tokens", "lm_head"] and len(paths) == 6
+    assert {n: s.method for n, s in state(m).specs.items()} == \
+        {"default": "lora", "tokens": "trainable_tokens"}
+    torch.testing.assert_close(logits(m, x), want, atol=1e-5, rtol=1e-5)
+    ak.peft_compat.write_peft(m, tmp_path / "back", name="default", tokens="tokens")
+    a, b = _keys(tmp_path / "peft"), _keys(tmp_path / "back")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta" in b
+    torch.testing.assert_close(logits(_peft_load(tmp_path / "back"), x), want, atol=1e-5, rtol=1e-5)
+    merged = ak.merge(m)  # both merged; the head still shares the embedding's Parameter
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight
+    torch.testing.assert_close(logits(merged, x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_adaptkit_tokens_export_to_peft_and_failed_import_is_clean(tmp_path):
+    x = tokens_in()
+    m = llama()
+    ak.inject(m, ak.TrainableTokens(token_ids=IDS, targets=r"model\.embed_tokens"), name="tok")
+    randomise(m, "tok")
+    ak.peft_compat.write_peft(m, tmp_path / "tt", name="tok")
+    torch.testing.assert_close(logits(_peft_load(tmp_path / "tt"), x), logits(m, x), atol=1e-5, rtol=1e-5)
+    cfg = json.loads((tmp_path / "tt" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "TRAINABLE_TOKENS" and cfg["token_indices"] == IDS
+    # a LoRA + tokens folder whose tokens do not fit: nothing stays injected
+    pm = _peft_model(pytest.importorskip("peft").LoraConfig(r=2, target_modules=["q_proj"],
+                                                            trainable_token_indices=IDS))
+    pm.save_pretrained(tmp_path / "peft")
+    small = llama(vocab=32)
+    t = _keys(tmp_path / "peft")
+    key = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+    assert key in t
+    before = copy.deepcopy(small.state_dict())
+    flags = {n: p.requires_grad for n, p in small.named_parameters()}
+    with pytest.raises(ak.AdaptkitError, match=r"token_ids \[60\] are out of range"):
+        ak.peft_compat.read_peft(small, tmp_path / "peft")
+    assert not any(isinstance(x, AdaptedLayer) for x in small.modules())
+    assert "_adaptkit" not in small.__dict__
+    assert all(torch.equal(before[k], v) for k, v in small.state_dict().items())
+    assert {n: p.requires_grad for n, p in small.named_parameters()} == flags
