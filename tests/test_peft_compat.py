@@ -256,10 +256,10 @@ def test_write_refuses_modules_to_save_that_peft_would_match_twice(tmp_path):
 def test_methods_declare_their_peft_forms(tmp_path):
     from adaptkit.peft_config import forms
     assert {m: f.peft_type for m, f in forms().items()} == {
-        "lora": "LORA", "dora": "LORA", "lokr": "LOKR", "qlora": "LORA"}
+        "lora": "LORA", "dora": "LORA", "lokr": "LOKR", "qlora": "LORA", "trainable_tokens": "TRAINABLE_TOKENS"}
     model = Net()
     ak.inject(model, ak.MoRA(rank=2, targets=r"blocks\.0\.q"))
-    with pytest.raises(ak.AdaptkitError, match=r"'mora' has no PEFT form; PEFT interop covers dora, lokr, lora, qlora"):
+    with pytest.raises(ak.AdaptkitError, match=r"'mora' has no PEFT form; PEFT interop covers dora, lokr, lora, qlora, trainable_tokens"):
         write_peft(model, tmp_path / "p")
     assert not (tmp_path / "p").exists()
 

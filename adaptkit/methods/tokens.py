@@ -173,7 +173,7 @@ class TokensAdapter(Adapter):
             o.merged = v
 
     def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids (n,), values - base rows (n, d) in fp32) of the group's owner."""
+        """(ids (n,), values - base rows (n, d) in fp32) of the group's owner (its device)."""
         o = self.owner or self
         if "token_values" not in o._parameters:
             raise AdaptkitError(
@@ -184,21 +184,23 @@ class TokensAdapter(Adapter):
         return o.ids, v.to(torch.promote_types(v.dtype, torch.float32)) - o.base_rows.float()
 
     def delta_weight(self, layer: AdaptedLayer) -> torch.Tensor:
-        ids, d = self.rows()
+        _, d = self.rows()
         w = layer.weight
-        return torch.zeros(w.shape, dtype=d.dtype, device=d.device).index_copy(0, ids, d)  # (V, d)
+        d = d.to(w.device)  # a tied head may sit on another device (device_map="auto")
+        return torch.zeros(w.shape, dtype=d.dtype, device=w.device).index_copy(0, self.ids, d)  # (V, d)
 
     def update(self, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
         if self.merged:  # merged through another layer of the tied group since set_active
             return y
-        ids, d = self.rows()
+        _, d = self.rows()
+        d = d.to(y.device)  # own ids / lut buffers: on this layer's device, the owner's may differ
         if layer.kind == "embedding":
             slot = self.lut[x]  # (...,) 0 = untrained token
             u = F.embedding(slot, torch.cat([d.new_zeros(1, d.shape[1]), d]))  # (..., d)
             # in fp32: a bf16 row then comes out as exactly the trained value
             return (y.to(u.dtype) + u).to(y.dtype)
         cols = x.to(d.dtype) @ d.t()  # (..., n): the logits of the trained ids
-        return y.index_add(-1, ids, cols.to(y.dtype))
+        return y.index_add(-1, self.ids, cols.to(y.dtype))
 
 
 # ---- PEFT interop (ak.peft_compat) -----------------------------------------------------------
@@ -284,6 +286,8 @@ class TrainableTokensPeft(PeftForm):
             )
         tok = {k[: -len(self.IN_LORA)] + "." + self.KEY: v for k, v in tensors.items() if k.endswith(self.IN_LORA)}
         rest = {k: v for k, v in tensors.items() if not k.endswith(self.IN_LORA)}
+        if not tok:
+            raise err(f"trainable_token_indices={tti!r:.200} but the folder has no *{self.IN_LORA} tensor")
         stored = [k[: -len(self.KEY) - 1] for k in tok]
         tcfg = {
             "peft_type": self.peft_type,
