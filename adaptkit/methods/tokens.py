@@ -160,7 +160,7 @@ class TokensAdapter(Adapter):
         self.__dict__["owner"] = owner
 
     @property
-    def merged(self) -> bool:  # noqa: D401 - tied layers share the owner's flag (one weight)
+    def merged(self) -> bool:  # tied layers share the owner's flag (one weight)
         o = self.owner
         return self.__dict__.get("_merged", False) if o is None else o.merged
 

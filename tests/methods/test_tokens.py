@@ -185,6 +185,34 @@ def test_lora_and_tokens_on_the_same_embedding_add_up():
     torch.testing.assert_close(emb(x), want, atol=1e-6, rtol=1e-6)
 
 
+def test_weight_shared_by_two_embeddings_and_a_head_is_merged_once():
+    """T5 style: one Parameter behind a shared embedding, an encoder embedding and the head."""
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared, self.enc, self.head = nn.Embedding(12, 4), nn.Embedding(12, 4), nn.Linear(4, 12, bias=False)
+            self.enc.weight = self.head.weight = self.shared.weight
+
+        def forward(self, x):
+            return self.head(self.enc(x)) + self.head(self.shared(x))
+
+    m, x = Shared(), torch.arange(12).view(3, 4)
+    w0 = m.shared.weight.detach().clone()
+    assert ak.inject(m, ak.TrainableTokens(token_ids=[2, 5], targets="shared")) == ["shared", "enc", "head"]
+    randomise(m)
+    assert [n for n, _ in m.named_parameters() if ".adapters." in n] == ["shared.adapters.default.token_values"]
+    ref = Shared()
+    with torch.no_grad():
+        ref.shared.weight.copy_(w0)
+        ref.shared.weight[[2, 5]] = m.shared.adapters["default"].token_values
+    y = m(x)
+    torch.testing.assert_close(y, ref(x), atol=1e-5, rtol=1e-5)
+    merged = ak.merge(m)
+    assert merged.enc.weight is merged.shared.weight is merged.head.weight
+    torch.testing.assert_close(merged.shared.weight, ref.shared.weight, atol=1e-6, rtol=0)
+    torch.testing.assert_close(merged(x), y, atol=1e-5, rtol=1e-5)
+
+
 def test_bf16_rows_come_out_exactly():
     emb = nn.Sequential(nn.Embedding(20, 6).to(torch.bfloat16))
     ak.inject(emb, ak.TrainableTokens(token_ids=[4, 9], targets="0"))
@@ -284,10 +312,11 @@ def test_peft_trainable_tokens_config_both_ways(tmp_path):
     torch.testing.assert_close(logits(_peft_load(tmp_path / "back"), x), want, atol=1e-5, rtol=1e-5)
 
 
-def test_peft_lora_with_trainable_token_indices_both_ways(tmp_path):
+@pytest.mark.parametrize("indices", [IDS, {"embed_tokens": IDS}], ids=["list", "dict"])
+def test_peft_lora_with_trainable_token_indices_both_ways(tmp_path, indices):
     peft = pytest.importorskip("peft")
     x = tokens_in()
-    cfg = peft.LoraConfig(r=2, lora_alpha=5, target_modules=["q_proj", "v_proj"], trainable_token_indices=IDS)
+    cfg = peft.LoraConfig(r=2, lora_alpha=5, target_modules=["q_proj", "v_proj"], trainable_token_indices=indices)
     pm = _peft_model(cfg)
     want = logits(pm, x)
     pm.save_pretrained(tmp_path / "peft")
