@@ -122,6 +122,10 @@ def _spec_problems(slot: AdapterSpec, spec: AdapterSpec) -> list[str]:
     return out
 
 
+def _wide(t: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)  # fp32, or fp64 for an fp64 file
+
+
 def _layer_plan(path, layer, a, spec, entry, tensors, rule, residual, extras):
     """(problems, {param: slot-shaped tensor}) of one adapted layer; nothing is copied here."""
     problems = []
@@ -181,11 +185,11 @@ def _layer_plan(path, layer, a, spec, entry, tensors, rule, residual, extras):
                 )
             if problems:
                 continue
-            full = torch.zeros(want.shape, dtype=torch.float32)
-            full[tuple(slice(0, n) for n in got)] = t.float()  # zero-padded rank
+            full = torch.zeros(want.shape, dtype=_wide(t))
+            full[tuple(slice(0, d) for d in got)] = t  # zero-padded rank
             t = full
         if k == fold and ratio != 1.0:
-            t = t.float() * ratio  # s * (s_f / s) B_f = s_f B_f
+            t = t.to(_wide(t)) * ratio  # s * (s_f / s) B_f = s_f B_f
         out[k] = t
     return problems, out
 
@@ -228,7 +232,7 @@ def swap(model: nn.Module, path: str | os.PathLike, name: str = "default") -> li
         )
     merged = sorted(p for p, l in layers.items() if l.adapters[name].merged)
     if merged:
-        problems.append(f"the slot is merged into {merged}; ak.merge's unmerge (layer.unmerge()) first")
+        problems.append(f"the slot is merged into {merged}; unmerge it first (adaptkit.merge.unmerge(model))")
     sharded = sorted(p for p, l in layers.items() if any(_is_sharded(t) for t in l.adapters[name].parameters()))
     if sharded:
         problems.append(f"the slot is sharded (DTensor) at {sharded[:3]}; swap before fully_shard")
