@@ -96,7 +96,9 @@ RULES: dict[str, _Rule] = {
 def _unwrap(model):
     """The model under ``torch.compile``'s wrapper (OptimizedModule keeps it as ``_orig_mod``),
     so the compiled model itself may be passed."""
-    inner = getattr(model, "_orig_mod", None) if isinstance(model, nn.Module) else None
+    if "_adaptkit" in getattr(model, "__dict__", {}):
+        return model
+    inner = getattr(model, "_orig_mod", None)
     return inner if isinstance(inner, nn.Module) else model
 
 
@@ -127,22 +129,19 @@ def _wide(t: torch.Tensor) -> torch.dtype:
 
 
 def _layer_plan(path, layer, a, spec, entry, tensors, rule, residual, extras):
-    """(problems, {param: slot-shaped tensor}) of one adapted layer; nothing is copied here."""
-    problems = []
+    """(problems, {param: slot-shaped tensor}) of one adapted layer; nothing is copied here.
+    A problem is a template with ``\0`` where the layer goes: the same mismatch on many
+    layers is reported once, naming them all (:func:`_grouped`)."""
     if entry.get("kind") != layer.kind or entry.get("shape") != weight_shape(layer):
         return [
-            f"'{path}': file {entry.get('base')} weight {entry.get('shape')}, slot {layer._base_cls.__name__} "
-            f"weight {weight_shape(layer)}"
+            f"\0: file {entry.get('base')} weight {entry.get('shape')}, slot {layer._base_cls.__name__} weight "
+            f"{weight_shape(layer)} (the file is for another model: swap it into the model it was saved from)"
         ], {}
     if json.loads(json.dumps(a.layer_state())) != entry.get("state", {}):
-        problems.append(
-            f"'{path}': per-layer state: file {entry.get('state', {})}, slot {a.layer_state()} "
-            f"(an active rank, r_hat, MoRA type or factor shape; these are compiled in)"
-        )
-    s_slot = float(getattr(a, "scale", 1.0))
-    s_file = float(rule.scale(spec, path, a))
-    if "scale" in residual and s_file != s_slot:
-        problems.append(f"'{path}': scale file {s_file:g}, slot {s_slot:g} (OLoRA's residual base depends on it)")
+        return [
+            f"\0: per-layer state: file {entry.get('state', {})}, slot {a.layer_state()} (an active rank, "
+            f"r_hat, MoRA type or factor shape, compiled in: inject the slot with the file's settings)"
+        ], {}
     sd = a.state_dict()
     # the file's keys of this adapter: directly under the layer's path (a trained bias of the
     # layer, ``<path>.bias``, is one of the slot's extras, compared with the others)
@@ -150,48 +149,61 @@ def _layer_plan(path, layer, a, spec, entry, tensors, rule, residual, extras):
     have = {k[n:] for k in tensors if k.startswith(path + ".") and "." not in k[n:] and k not in extras}
     missing, unexpected = sorted(set(sd) - have), sorted(have - set(sd))
     if missing or unexpected:
-        problems.append(
-            f"'{path}': file lacks {[f'{path}.{k}' for k in missing]}, has extra "
-            f"{[f'{path}.{k}' for k in unexpected]} (another factor structure, e.g. another LoKr "
-            f"rank crossing a full / low-rank threshold)"
-        )
-        return problems, {}
-    out = {}
-    fold = next((k for k in rule.fold if k in sd), None)
-    ratio = s_file / s_slot
+        parts = [f"the file lacks tensors {missing}"] * bool(missing)
+        parts += [f"the file has tensors {unexpected} the slot lacks"] * bool(unexpected)
+        return [
+            f"\0: {' and '.join(parts)} (another factor structure, e.g. a LoKr rank crossing a full / "
+            f"low-rank threshold, or a corrupt file: inject the slot with the file's rank)"
+        ], {}
+    s_slot, s_file = float(getattr(a, "scale", 1.0)), float(rule.scale(spec, path, a))
+    if "scale" in residual and s_file != s_slot:
+        return [
+            f"\0: scale file {s_file:g}, slot {s_slot:g} (OLoRA's residual base depends on it: inject "
+            f"the slot with the file's alpha)"
+        ], {}
+    fold, ratio = next((k for k in rule.fold if k in sd), None), s_file / s_slot
     if ratio != 1.0 and fold is None:
-        problems.append(
-            f"'{path}': scale file {s_file:g}, slot {s_slot:g}, and {spec.method} has no factor to fold it into"
-        )
+        return [f"\0: scale file {s_file:g}, slot {s_slot:g}, and {spec.method} has no factor to fold it into"], {}
+    out = {}
     for k, want in sd.items():
-        t, key = tensors[f"{path}.{k}"], f"{path}.{k}"
-        got = tuple(t.shape)
-        if got != tuple(want.shape):
+        t, (got, shape) = tensors[f"{path}.{k}"], (tuple(tensors[f"{path}.{k}"].shape), tuple(want.shape))
+        if got != shape:
             ax = rule.pad.get(k)
-            pads = ax is not None and not residual and len(got) == want.dim()
-            pads = pads and all(g == w for i, (g, w) in enumerate(zip(got, want.shape)) if i != ax)
-            if pads and got[ax] > want.shape[ax]:
-                problems.append(
-                    f"{key}: rank {got[ax]} > the slot's rank {want.shape[ax]}; inject the slot with "
+            pads = ax is not None and not residual and len(got) == len(shape)
+            pads = pads and all(g == w for i, (g, w) in enumerate(zip(got, shape)) if i != ax)
+            if not pads:
+                why = "a residual init fixes the rank" if residual else f"{spec.method} swaps same shapes only"
+                return [f"\0: {k} file {got} vs slot {shape} ({why}: inject the slot at the file's rank)"], {}
+            if got[ax] > shape[ax]:
+                return [
+                    f"\0: {k} has rank {got[ax]} > the slot's rank {shape[ax]}; inject the slot with "
                     f"rank >= {got[ax]} (the slot's rank is its capacity)"
-                )
-            elif not pads:
-                why = " (a residual init fixes the rank)" if residual else ""
-                problems.append(f"{key}: file {got} vs slot {tuple(want.shape)}{why}")
-            elif got[ax] != spec.rank_for(path):
-                problems.append(
-                    f"{key}: rank {got[ax]} but the file's spec gives rank {spec.rank_for(path)}; "
+                ], {}
+            if got[ax] != spec.rank_for(path):
+                return [
+                    f"\0: {k} has rank {got[ax]} but the file's spec gives rank {spec.rank_for(path)}; "
                     f"the file is corrupt or was edited: re-save it with ak.save"
-                )
-            if problems:
-                continue
-            full = torch.zeros(want.shape, dtype=_wide(t))
+                ], {}
+            full = torch.zeros(shape, dtype=_wide(t))
             full[tuple(slice(0, d) for d in got)] = t  # zero-padded rank
             t = full
         if k == fold and ratio != 1.0:
             t = t.to(_wide(t)) * ratio  # s * (s_f / s) B_f = s_f B_f
         out[k] = t
-    return problems, out
+    return [], out
+
+
+def _grouped(per_layer: dict[str, list[str]]) -> list[str]:
+    """One message per distinct template, naming its layers (at most 3, then a count)."""
+    groups: dict[str, list[str]] = {}
+    for path, msgs in per_layer.items():
+        for m in msgs:
+            groups.setdefault(m, []).append(path)
+    out = []
+    for m, paths in groups.items():
+        shown = ", ".join(f"'{p}'" for p in paths[:3]) + (f", ... ({len(paths)} layers)" if len(paths) > 3 else "")
+        out.append(m.replace("\0", f"layer{'s' * (len(paths) > 1)} {shown}"))
+    return out
 
 
 def swap(model: nn.Module, path: str | os.PathLike, name: str = "default") -> list[str]:
@@ -226,10 +238,9 @@ def swap(model: nn.Module, path: str | os.PathLike, name: str = "default") -> li
     files = {p: d for p, d in table.items() if d.get("method") == spec.method}
     if set(files) != set(layers):
         miss, extra = sorted(set(layers) - set(files)), sorted(set(files) - set(layers))
-        problems.append(
-            f"adapted layers differ: the slot's {miss} are not in the file, the file's {extra} are "
-            f"not in the slot; inject a slot with the file's targets"
-        )
+        parts = [f"the slot's {miss} are not in the file"] * bool(miss)
+        parts += [f"the file's {extra} are not in the slot"] * bool(extra)
+        problems.append(f"adapted layers differ: {', '.join(parts)}; inject a slot with the file's targets")
     merged = sorted(p for p, l in layers.items() if l.adapters[name].merged)
     if merged:
         problems.append(f"the slot is merged into {merged}; unmerge it first (adaptkit.merge.unmerge(model))")
@@ -238,10 +249,11 @@ def swap(model: nn.Module, path: str | os.PathLike, name: str = "default") -> li
         problems.append(f"the slot is sharded (DTensor) at {sharded[:3]}; swap before fully_shard")
     plans, residual = {}, _residual(slot)
     extras = st.extras.get(name, [])
+    bad = {}
     for p in sorted(set(files) & set(layers)):
         a = layers[p].adapters[name]
-        bad, plans[p] = _layer_plan(p, layers[p], a, spec, files[p], tensors, rule, residual, set(extras))
-        problems += bad
+        bad[p], plans[p] = _layer_plan(p, layers[p], a, spec, files[p], tensors, rule, residual, set(extras))
+    problems += _grouped(bad)
     params = dict(model.named_parameters())
     if not problems:  # every adapter key is accounted for: the rest must be the slot's extras
         rest = set(tensors) - {f"{p}.{k}" for p in plans for k in plans[p]}

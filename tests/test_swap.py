@@ -220,11 +220,11 @@ ERRORS = {  # slot spec, file (spec, or a callable(tmp_path) -> path), message f
     "rank_above_slot": (
         ak.LoRA(rank=4, targets=ALL),
         ak.LoRA(rank=6, targets=ALL),
-        ["fc1.lora_A: rank 6 > the slot's rank 4", "inject the slot with rank >= 6"],
+        ["layers 'fc1', 'fc2', 'out': lora_A has rank 6 > the slot's rank 4", "inject the slot with rank >= 6"],
     ),
     "dropout": (LORA8, ak.LoRA(rank=4, dropout=0.1, targets=ALL), ["field dropout: file 0.1, slot 0.0"]),
     "bias_mode": (LORA8, ak.LoRA(rank=4, bias="all", targets=ALL), ["field bias: file 'all', slot 'none'"]),
-    "other_targets": (LORA8, ak.LoRA(rank=4, targets=LIN), ["adapted layers differ", "['out']", "file's targets"]),
+    "other_targets": (LORA8, ak.LoRA(rank=4, targets=LIN), ["adapted layers differ: the slot's ['out'] are not in the file; inject a slot with the file's targets"]),
     "qlora_blocksize": (
         ak.QLoRA(rank=4, blocksize=8, targets=LIN),
         ak.QLoRA(rank=4, blocksize=16, targets=LIN),
@@ -238,7 +238,7 @@ ERRORS = {  # slot spec, file (spec, or a callable(tmp_path) -> path), message f
     "pissa_other_rank": (
         ak.LoRA(rank=4, init="pissa", targets=ALL),
         ak.LoRA(rank=2, init="pissa", targets=ALL),
-        ["fc1.lora_A: file (2, 16) vs slot (4, 16) (a residual init fixes the rank)"],
+        ["layers 'fc1', 'out': lora_A file (2, 16) vs slot (4, 16) (a residual init fixes the rank: inject the slot at the file's rank)"],
     ),
     "pissa_vs_default": (
         ak.LoRA(rank=4, init="pissa", targets=ALL),
@@ -248,22 +248,22 @@ ERRORS = {  # slot spec, file (spec, or a callable(tmp_path) -> path), message f
     "olora_other_scale": (
         ak.LoRA(rank=4, alpha=4.0, init="olora", targets=ALL),
         ak.LoRA(rank=4, alpha=8.0, init="olora", targets=ALL),
-        ["'fc1': scale file 2, slot 1 (OLoRA"],
+        ["layers 'fc1', 'fc2', 'out': scale file 2, slot 1 (OLoRA", "file's alpha"],
     ),
     "lorampo_other_rank": (
         ak.LoRAMPO(rank=2, targets=ALL),
         ak.LoRAMPO(rank=1, targets=ALL),
-        ["fc1.mpo_A: file", "(a residual init fixes the rank)"],
+        ["layers 'fc1', 'fc2': mpo_A file (4, 4, 1) vs slot (4, 4, 2) (a residual init fixes the rank: inject the slot at the file's rank)"],
     ),
     "lokr_other_structure": (
         ak.LoKr(rank=8, targets=ALL),
         ak.LoKr(rank=1, targets=ALL),
-        ["'fc1': file lacks ['fc1.lokr_w2']", "another factor structure"],
+        ["layers 'fc1', 'fc2', 'out': the file lacks tensors ['lokr_w2'] and the file has tensors ['lokr_w2_a', 'lokr_w2_b'] the slot lacks", "file's rank"],
     ),
     "geolora_other_rank": (
         ak.GeoLoRA(rank=3, max_rank=6, targets=ALL),
         ak.GeoLoRA(rank=2, max_rank=6, targets=ALL),
-        ["per-layer state: file {'rank': 2, 'max_rank': 6}, slot {'rank': 3, 'max_rank': 6}"],
+        ["layers 'fc1', 'fc2', 'out': per-layer state: file {'rank': 2, 'max_rank': 6}, slot {'rank': 3, 'max_rank': 6}"],
     ),
     "mora_other_type": (
         ak.MoRA(rank=3, mora_type=6, targets=ALL),
@@ -273,7 +273,7 @@ ERRORS = {  # slot spec, file (spec, or a callable(tmp_path) -> path), message f
     "other_shapes": (
         LORA8,
         lambda tmp: saved(tmp, ak.LoRA(rank=4, targets=ALL), 2, model=Net(hidden=20)),
-        ["'fc1': file Linear weight [20, 16], slot Linear weight [24, 16]"],
+        ["layer 'fc1': file Linear weight [20, 16], slot Linear weight [24, 16]", "model it was saved from"],
     ),
     "modules_to_save": (
         ak.LoRA(rank=4, targets=LIN),
@@ -327,7 +327,7 @@ def test_file_missing_a_tensor_refused(tmp_path):
     g = tmp_path / "cut.safetensors"
     save_file(t, g, metadata=meta)
     snap = snapshot(model)
-    with pytest.raises(ak.AdaptkitError, match=r"'fc2': file lacks \['fc2.lora_B'\]"):
+    with pytest.raises(ak.AdaptkitError, match=r"layer 'fc2': the file lacks tensors \['lora_B'\] \(another"):
         ak.swap(model, g, name="a")
     assert_same(model, snap)
 
