@@ -135,6 +135,10 @@ EAGER = {  # slot spec, file spec: every method, its pad / fold where allowed
         ak.LoRA(rank=8, alpha=4.0, targets=ALL),
         ak.LoRA(rank=2, alpha=3.0, rank_pattern={"fc2": 6}, alpha_pattern={"out": 11.0}, targets=ALL),
     ),
+    "lora_other_regex_same_layers": (
+        ak.LoRA(rank=4, alpha=8.0, targets=ALL),
+        ak.LoRA(rank=4, alpha=2.0, targets=[r"fc\d", "out"], exclude="act"),
+    ),
     "lora_bias_trained": (
         ak.LoRA(rank=4, alpha=8.0, bias="adapter_only", targets=ALL),
         ak.LoRA(rank=2, alpha=3.0, bias="adapter_only", targets=ALL),
@@ -344,3 +348,53 @@ def test_same_shape_methods_swap_without_recompiling(tmp_path, case):
         ak.swap(model, f, name="a")
         torch.testing.assert_close(compiled(X), loaded(f)(X), atol=TOL, rtol=0)
     assert cnt.graphs == 1
+
+
+class Kinds(nn.Module):
+    """Embedding -> Conv1d over the sequence -> Linear: the other base kinds LoRA pads on."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(321)
+            self.emb = nn.Embedding(20, 12)
+            self.conv = nn.Conv1d(12, 10, 3, padding=1)
+            self.head = nn.Linear(10, 6)
+
+    def forward(self, ids):
+        h = self.conv(self.emb(ids).transpose(1, 2)).transpose(1, 2)  # (N, T, 12) -> (N, 10, T) -> (N, T, 10)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("cls", [ak.LoRA, ak.DoRA])
+def test_embedding_and_conv_bases_pad_and_fold(tmp_path, cls):
+    kinds = r"emb|conv|head" if cls is ak.LoRA else r"conv|head"  # DoRA: no Embedding
+    ids = torch.randint(0, 20, (2, 7), generator=torch.Generator().manual_seed(3))
+    src = Kinds()
+    ak.inject(src, cls(rank=2, alpha=7.0, targets=kinds), name="src")
+    randomise_adapters(src, 0.2, seed=9)
+    f = tmp_path / "kinds.safetensors"
+    ak.save(src, f, name="src")
+    model = Kinds()
+    ak.inject(model, cls(rank=5, alpha=3.0, targets=kinds), name="a")
+    ak.swap(model, f, name="a")
+    ref = Kinds()
+    ak.load(ref, f)
+    assert not torch.allclose(ref(ids), Kinds()(ids), atol=1e-3)
+    torch.testing.assert_close(model(ids), ref(ids), atol=TOL, rtol=0)
+
+
+def test_bf16_slot_takes_an_fp32_file(tmp_path):
+    """Tensors are cast into the slot's dtype as ak.load casts them; the fold is done in fp32
+    first, so the result is within bf16 rounding of the file loaded into a bf16 model."""
+    f = saved(tmp_path, ak.LoRA(rank=3, alpha=9.0, targets=ALL), seed=8)
+    model = Net().to(torch.bfloat16)
+    ak.inject(model, ak.LoRA(rank=8, alpha=4.0, targets=ALL), name="a")
+    params = {n: p for n, p in model.named_parameters()}
+    ak.swap(model, f, name="a")
+    assert all(p is params[n] and p.dtype == torch.bfloat16 for n, p in model.named_parameters())
+    ref = Net().to(torch.bfloat16)
+    ak.load(ref, f)
+    xb = X.to(torch.bfloat16)
+    assert not torch.allclose(ref(xb).float(), Net().to(torch.bfloat16)(xb).float(), atol=5e-2)
+    torch.testing.assert_close(model(xb).float(), ref(xb).float(), atol=4e-3, rtol=0)  # bf16 eps 8e-3
