@@ -6,7 +6,8 @@
 
 Nothing a compiled graph guards on may change: a swap copies tensors into the slot's
 existing Parameters (``copy_`` under ``no_grad``: same objects, shapes, dtypes and devices)
-and never touches a Python attribute (``scale``, ``rank``, flags). So:
+and never touches a Python attribute (``scale``, ``rank``, flags). (Inductor's
+``freezing`` option, which bakes parameters into the generated code, would not see a swap.) So:
 
 * **Rank**: the slot's rank is its capacity. A file of rank r <= R (the slot's) is
   zero-padded: ``A[:r] = A_f, A[r:] = 0`` and ``B[:, :r] = B_f, B[:, r:] = 0``, so

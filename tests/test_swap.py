@@ -111,6 +111,7 @@ def test_compiled_model_swaps_without_recompiling(tmp_path, method):
     model = Net()
     ak.inject(model, make(), name="a")
     randomise_adapters(model, 0.1, seed=1)
+    model.eval()
     cnt = Counter()
     compiled = torch.compile(model, backend=cnt, fullgraph=True)
     with torch.no_grad():
@@ -185,6 +186,7 @@ def test_eager_swap_equals_load_and_saves_back(tmp_path, case):
     ak.set_active(model, "a")
     other = {k: v.clone() for k, v in model.out.adapters["other"].state_dict().items()}
     f = saved(tmp_path, spec, seed=5)
+    model.eval()  # serving: DoRA caches its row norm here, which the swap must invalidate
     before = model(X)
     paths = ak.swap(model, f, name="a")
     assert paths == sorted(p for p, mod in model.named_modules() if "a" in getattr(mod, "adapters", {}))
