@@ -115,9 +115,10 @@ def _spec_problems(slot: AdapterSpec, spec: AdapterSpec) -> list[str]:
         a, b = getattr(spec, f.name), getattr(slot, f.name)
         if f.name not in SWAPPABLE and a != b:
             out.append(f"field {f.name}: file {a!r}, slot {b!r}")
-    if (_residual(slot) or _residual(spec)) and getattr(spec, "init", None) != getattr(slot, "init", None):
+    ia, ib = getattr(spec, "init", None), getattr(slot, "init", None)
+    if (_residual(slot) or _residual(spec)) and ia != ib:
         out.append(
-            f"field init: file {spec.init!r}, slot {slot.init!r} (a residual init changed the base "
+            f"field init: file {ia!r}, slot {ib!r} (a residual init changed the base "
             f"weight at inject, so the inits must be equal)"
         )
     if out:
