@@ -20,6 +20,7 @@ from .lora_convert import to_lora  # any adapter -> a plain LoRA (truncated SVD)
 from .merge import merge
 from .methods import DoRA, GeoLoRA, GeoLoRAOptimizer, LoKr, LoRA, LoRAMPO, MoRA, MoRALinear, QLoRA, TrainableTokens
 from .optim import param_groups  # LoRA+ learning-rate groups
+from .swap import swap  # new weights into an existing adapter slot (no recompile)
 
 __all__ = [
     "nf4",
@@ -45,5 +46,6 @@ __all__ = [
     "save",
     "set_active",
     "summary",
+    "swap",
     "to_lora",
 ]

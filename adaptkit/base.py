@@ -18,7 +18,7 @@ line; see docs/ARCHITECTURE.md.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -53,7 +53,7 @@ class Base:
     def from_2d(self, d: torch.Tensor, layer) -> torch.Tensor:
         return d.reshape(layer.weight.shape)  # (out, in_flat) -> native
 
-    def param_kw(self, layer) -> dict:
+    def param_kw(self, layer) -> dict[str, Any]:
         """device and dtype for the adapters' parameters."""
         w = layer.weight
         return {"device": w.device, "dtype": w.dtype}

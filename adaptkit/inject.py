@@ -8,16 +8,17 @@ adapters are the trainable ones; an inactive adapter is frozen and skipped in fo
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
 
 from .errors import AdaptkitError
-from .layer import adapted_layers, base_kind, wrap
+from .layer import adapted_layers, base_kind, weight_shape, wrap
 from .spec import AdapterSpec
 from .targets import read_by_parent, saved_modules, select
 
@@ -126,7 +127,7 @@ def plan(
         errors += spec.link(built)
     extras: list[str] = []
     try:
-        for p in saved_modules(model, spec.modules_to_save):
+        for p in saved_modules(model, cast(tuple, spec.modules_to_save)):  # a tuple after __post_init__
             if any(p == q or q.startswith(p + ".") or p.startswith(q + ".") for q in paths):
                 errors.append(f"modules_to_save '{p}' overlaps adapted module(s); exclude it from targets")
             extras += [f"{p}.{k}" for k, _ in model.get_submodule(p).named_parameters()]
@@ -372,7 +373,7 @@ def summary(model: nn.Module) -> Summary:
     per_layer = []
     # merged: folded into the base weights by ak.merge(model, unload=False) (on every layer
     # that carries it; merged_layers counts them, as layer.merge can fold a single layer)
-    per_adapter = {
+    per_adapter: dict[str, dict[str, Any]] = {
         n: {"method": s.method, "layers": 0, "params": 0, "active": n in st.active, "merged": False, "merged_layers": 0}
         for n, s in st.specs.items()
     }
@@ -389,9 +390,9 @@ def summary(model: nn.Module) -> Summary:
         d["merged"] = d["layers"] > 0 and d["merged_layers"] == d["layers"]
     params = list(model.parameters())
     packed = sum(
-        m.out_features * m.in_features
+        math.prod(weight_shape(m))
         for m in model.modules()
-        if isinstance(getattr(m, "weight", None), torch.Tensor) and not m.weight.is_floating_point()
+        if isinstance(w := getattr(m, "weight", None), torch.Tensor) and not w.is_floating_point()
     )
     return Summary(
         sum(p.numel() for p in params if p.requires_grad),

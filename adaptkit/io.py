@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -43,7 +44,7 @@ def _is_sharded(t: torch.Tensor) -> bool:
 def _full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor: a DTensor is gathered from its mesh (a collective, so every rank
     must get here); any other tensor is returned as it is."""
-    return t.full_tensor() if _is_sharded(t) else t
+    return cast(Any, t).full_tensor() if _is_sharded(t) else t
 
 
 def adapter_tensors(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor], dict]:

@@ -21,6 +21,7 @@ An adapter implements :class:`Adapter`: ``update`` and ``delta_weight`` are requ
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -115,6 +116,12 @@ class AdaptedLayer(nn.Module):
     docstring. Everything that depends on the kind of base is asked of ``self.base``."""
 
     _base_cls: type
+    base: Base
+    adapters: MutableMapping[str, Adapter]  # an nn.ModuleDict at run time
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    _active: tuple[Adapter, ...]
+    _active_names: list[str]
     kind: str  # the Base's kind ("linear", "conv1d_t", "conv", "embedding")
     # True for a module that carries its own adapter (ak.MoRALinear): inject never wraps it
     # and the model's active set (ak.set_active, refresh) leaves its adapter alone
@@ -131,7 +138,7 @@ class AdaptedLayer(nn.Module):
         self._modules.update(module._modules)
         if "bias" not in self._parameters:
             self.__dict__["bias"] = None  # Embedding: lets base ops / adapters say layer.bias
-        self.adapters = nn.ModuleDict()
+        self.adapters = nn.ModuleDict()  # type: ignore[assignment]
         self.__dict__["base"] = base  # holds the original module, outside the module tree
         self.__dict__["kind"] = base.kind  # a plain attribute: adapters read it on every call
         self.__dict__["_active"] = ()  # unmerged active adapters, in order
@@ -148,7 +155,7 @@ class AdaptedLayer(nn.Module):
         return self.base.features(self)[1]
 
     @property
-    def param_kw(self) -> dict:
+    def param_kw(self) -> dict[str, Any]:
         """device / dtype for adapter parameters (an NF4 base: its compute dtype)."""
         return self.base.param_kw(self)
 
@@ -238,7 +245,7 @@ class AdaptedLayer(nn.Module):
         return _unpickle, (self._base_cls,), self.__getstate__()
 
 
-_WRAPPERS: dict[type, type] = {}
+_WRAPPERS: dict[type, type[AdaptedLayer]] = {}
 
 
 def wrap(module: nn.Module) -> AdaptedLayer:
@@ -268,14 +275,16 @@ def _unpickle(cls: type, *_) -> AdaptedLayer:
                 "__module__": __name__,
             },
         )
-    return _WRAPPERS[cls].__new__(_WRAPPERS[cls])
+    wrapper = _WRAPPERS[cls]
+    return wrapper.__new__(wrapper)
 
 
 def weight_shape(m: nn.Module) -> list[int]:
     """Dense weight shape of a base or wrapped layer: ``weight.shape``, or (out, in) for a
     quantised Linear whose ``weight`` holds packed bytes (adaptkit.nf4.NF4Linear)."""
-    w = m.weight
-    return list(w.shape) if w.is_floating_point() else [m.out_features, m.in_features]
+    lin: Any = m  # a Linear-like module; nn.Module attributes are untyped
+    w = lin.weight
+    return list(w.shape) if w.is_floating_point() else [lin.out_features, lin.in_features]
 
 
 def adapted_layers(model: nn.Module) -> list[tuple[str, AdaptedLayer]]:

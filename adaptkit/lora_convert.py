@@ -39,7 +39,7 @@ import math
 import re
 import warnings
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -150,6 +150,7 @@ def low_rank(
             torch.linalg.svd(d.double(), full_matrices=False) if _exact(m, n, k) else _rsvd(d, k + _OVERSAMPLE, gen)
         )
     else:
+        assert energy is not None  # check_args: exactly one of rank / energy
         q = 32
         while True:
             exact = _exact(m, n, q)
@@ -180,7 +181,7 @@ def lora_spec(src: AdapterSpec, ranks: dict[str, int]) -> LoRA:
     of ``ranks``, scale 1 everywhere (alpha None: alpha = rank), the source's bias mode,
     modules_to_save and dropout (if it has one)."""
     top = max(ranks.values())
-    kw = dict(
+    kw: dict[str, Any] = dict(
         rank=top,
         alpha=None,
         targets=[re.escape(p) for p in ranks],

@@ -64,10 +64,10 @@ def merge(model: nn.Module, unload: bool = True, requantize: bool = False) -> nn
                 model = new  # the root itself was adapted (e.g. a lone ak.MoRALinear)
                 continue
             model.set_submodule(path, new)
-            if getattr(new, "requant_drift", None) is not None:
-                drift[path] = new.requant_drift["max_rel_output"]
+            if (rd := getattr(new, "requant_drift", None)) is not None:
+                drift[path] = rd["max_rel_output"]
     if drift:
-        worst = max(drift, key=drift.get)
+        worst = max(drift, key=lambda p: drift[p])
         warnings.warn(
             f"merge(requantize=True): re-quantising {len(drift)} merged layer(s) to NF4 "
             f"changed their outputs by up to {drift[worst]:.2%} (relative, at '{worst}'); "

@@ -119,7 +119,7 @@ def mpo_shapes(out_features: int, in_features: int, n: int) -> tuple[tuple[int, 
 
 
 def _check_shapes(
-    owner: str, out_shape: Sequence[int], in_shape: Sequence[int], dims: tuple[int, int] | None = None
+    owner: str, out_shape: Sequence[int], in_shape: Sequence[int], dims: tuple[int, ...] | None = None
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     shapes = []
     for field, shape, k in (("out_shape", out_shape, 0), ("in_shape", in_shape, 1)):

@@ -60,7 +60,7 @@ _MAX_KEYS = 6  # compiled layouts, below dynamo's recompile limit (8)
 _COMPILE = [os.environ.get("ADAPTKIT_NF4_COMPILE", "1") != "0"]  # [enabled]
 _KERNEL: list = []  # [the compiled GEMV], made on first use
 _KEYS: set = set()  # layouts compiled so far
-_CODE = [float(c) for c in NF4_CODE]
+_CODE: list = [float(c) for c in NF4_CODE]
 _DYN = DYNAMIC_CODE.clone()  # (256,) fp32, a constant of the compiled kernel
 
 
@@ -109,7 +109,7 @@ def _k_gemv(
     x[0::2], x[1::2], H = nb·bs/2."""
     r, nb, hb = p3.shape
     a = am
-    if nested is not None:  # DYNAMIC_CODE[q8] · nested_absmax[k // nbs] + offset, k = flat block
+    if nested is not None and offset is not None:  # DYNAMIC_CODE[q8] · nested_absmax[k // nbs] + offset, k = flat block
         k = torch.arange(r, device=p3.device)[:, None] * nb + torch.arange(nb, device=p3.device)
         a = _DYN.to(p3.device)[am.long()] * nested[k // nbs] + offset  # (R, nb)
     q = p3.int().reshape(r, nb * hb)  # (R, nb, bs/2) -> (R, H)

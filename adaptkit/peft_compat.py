@@ -20,7 +20,9 @@ from __future__ import annotations
 import json
 import os
 import re
+from typing import Any
 
+import torch
 import torch.nn as nn
 from safetensors import safe_open
 
@@ -54,7 +56,8 @@ def _err(msg: str) -> AdaptkitError:
 # ---- what PEFT computes like adaptkit, and the key / shape map ---------------------------
 def base_modules(model: nn.Module) -> dict[str, nn.Module]:
     """``named_modules()`` without adaptkit's own adapter sub-modules."""
-    out, skip = {}, ()
+    out: dict[str, nn.Module] = {}
+    skip: tuple[str, ...] = ()
     for n, m in model.named_modules():
         if n.startswith(skip):
             continue
@@ -84,7 +87,9 @@ def group_keys(method: str, tensors: dict, where: str = "PEFT adapter") -> tuple
     bad = [k for k in tensors if not k.startswith(PREFIX)]
     if bad:
         raise _err(f"{where}: keys {bad[:5]} lack the '{PREFIX}' prefix; not a PEFT adapter file")
-    groups, rest, pre = {}, {}, form(method).prefix
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    rest: dict[str, torch.Tensor] = {}
+    pre = form(method).prefix
     for key, t in tensors.items():
         segs = key[len(PREFIX) :].split(".")
         i = next((i for i, s in enumerate(segs) if s.startswith(pre)), None)
@@ -125,7 +130,7 @@ def from_peft(
         else:
             unexpected.append(PREFIX + k)
     esc = {p: re.escape(p) for p in paths}
-    pats = {
+    pats: dict[str, Any] = {
         f: {esc[p]: v for p in paths if (v := pattern_value(cfg.get(f) or {}, p, kw[d])) != kw[d]}
         for f, d in (("rank_pattern", "rank"), ("alpha_pattern", "alpha"))
     }

@@ -20,6 +20,7 @@ method registry.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch.nn as nn
 
@@ -87,7 +88,7 @@ def _layer_ok(cfg: dict, key: str) -> bool:
 
 def saved_names(cfg: dict) -> list[str]:
     """modules_to_save items, with those PeftModelFor<task_type> adds on load."""
-    return list(cfg.get("modules_to_save") or []) + _TASK_SAVED.get(cfg.get("task_type"), [])
+    return list(cfg.get("modules_to_save") or []) + _TASK_SAVED.get(str(cfg.get("task_type")), [])
 
 
 def peft_targets(cfg: dict, modules: dict[str, nn.Module]) -> list[str]:
@@ -99,7 +100,7 @@ def peft_targets(cfg: dict, modules: dict[str, nn.Module]) -> list[str]:
             "module names into adapter_config.json"
         )
     if isinstance(tm, str) and tm.lower() == "all-linear":  # PEFT skips a PreTrainedModel's head
-        root = modules[""]
+        root: Any = modules[""]  # a transformers PreTrainedModel, if it is one
         head = (
             root.get_output_embeddings() if any(c.__name__ == "PreTrainedModel" for c in type(root).__mro__) else None
         )
@@ -158,7 +159,7 @@ class PeftForm:
         config's ``use_dora``). Exactly one registered method must claim a readable config."""
         return True
 
-    def written(self, spec: AdapterSpec) -> AdapterSpec:
+    def written(self, spec: Any) -> AdapterSpec:
         """The spec PEFT stores this adapter as (default: itself); its method's form writes
         it. QLoRA is written as the LoRA / DoRA it carries."""
         return spec
@@ -169,7 +170,7 @@ class PeftForm:
         reproduce."""
         raise NotImplementedError
 
-    def config(self, spec: AdapterSpec, layers: dict[str, dict]) -> dict:
+    def config(self, spec: Any, layers: dict[str, dict]) -> dict:
         """The method's own adapter_config.json fields for ``spec`` over ``layers`` (path ->
         the file's layer table entry); refuses what PEFT cannot express."""
         raise NotImplementedError

@@ -11,9 +11,12 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import AdaptkitError
+
+if TYPE_CHECKING:
+    from .peft_config import PeftForm
 
 Pattern = str | list[str] | tuple[str, ...] | None
 BIAS_MODES = ("none", "all", "adapter_only")
@@ -77,6 +80,8 @@ class AdapterSpec:
     """
 
     method: ClassVar[str] = ""
+    # PEFT interop, set on the class in the method's own file; read with vars(cls), not inherited
+    peft_form: ClassVar[PeftForm | None] = None
     rank: int = 8
     alpha: float | None = None
     targets: Pattern = "all-linear"

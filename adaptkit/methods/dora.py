@@ -245,8 +245,8 @@ class DoRAAdapter(LoRAAdapter):
             key = self._key(layer)
             if not self.training and self._ncache is not None and self._ncache[0] == key:
                 return self._ncache[1]
-            wat, self._wat = self._wat, None
-            wat = wat[1].float().t() if wat is not None and wat[0] == key else self._w_at(layer)  # (out, r)
+            held, self._wat = self._wat, None
+            wat = held[1].float().t() if held is not None and held[0] == key else self._w_at(layer)  # (out, r)
         s, Bf, Af = self.scale, B.float(), A.float()
         n2 = (
             self._weight_sq(layer) + (2 * s) * (Bf * wat).sum(1) + (s * s) * ((Bf @ (Af @ Af.t())) * Bf).sum(1)

@@ -195,7 +195,7 @@ class GeoLoRAAdapter(Adapter):
         w = layer.weight
         # QR / SVD / orthonormality need >= fp32; a fp64 base keeps fp64
         dt = torch.promote_types(w.dtype, torch.float32)
-        kw = dict(device=w.device, dtype=dt)
+        kw: dict[str, Any] = dict(device=w.device, dtype=dt)
         self.rank, self.r_max, self.init_rank = int(rank), int(r_max), int(rank)
         self.r_min = min(int(min_rank), self.r_max)
         self.scale, self.tau, self.truncation, self.budget = float(scale), float(tau), truncation, budget

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -97,7 +97,8 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             )
         if coeff_optimizer not in ("adamw", "sgd"):
             raise AdaptkitError(f"{me}: coeff_optimizer={coeff_optimizer!r} is not 'adamw' or 'sgd'")
-        geo, inactive = [], []
+        geo: list[tuple[str, str, GeoLoRAAdapter]] = []
+        inactive: list[tuple[str, str, GeoLoRAAdapter]] = []
         for path, layer in adapted_layers(model):
             for name, a in layer.adapters.items():
                 if isinstance(a, GeoLoRAAdapter):
@@ -190,7 +191,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
         st["step"] += 1
         st["step_sq"] += 1
-        g = p.grad.float()
+        g = cast(torch.Tensor, p.grad).float()  # params without a grad were skipped above
         m, v = st["exp_avg"], st["exp_avg_sq"]
         m.lerp_(g, 1 - b1)
         v.mul_(b2).addcmul_(g, g, value=1 - b2)
@@ -214,7 +215,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             else:
                 budget_groups.setdefault(name, []).append(i)
         for idx in budget_groups.values():
-            counts = budget_ranks([svds[i][1] for i in idx], self._geo[idx[0]][2].budget)
+            counts = budget_ranks([svds[i][1] for i in idx], cast(int, self._geo[idx[0]][2].budget))  # set: "budget"
             for i, k in zip(idx, counts):
                 targets[i] = k
         for i, (_, _, a) in enumerate(self._geo):

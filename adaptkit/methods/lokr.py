@@ -97,8 +97,8 @@ class LoKr(AdapterSpec):
         for f in ("rank_dropout_scale", "decompose_both", "use_effective_conv2d"):
             if not isinstance(getattr(self, f), bool):
                 raise AdaptkitError(f"{name}: {f} must be a bool, got {getattr(self, f)!r}")
-        f = self.decompose_factor
-        if isinstance(f, bool) or not isinstance(f, int) or not (f == -1 or f > 0):
+        k = self.decompose_factor
+        if isinstance(k, bool) or not isinstance(k, int) or not (k == -1 or k > 0):
             raise AdaptkitError(
                 f"{name}: decompose_factor={f!r} must be -1 (split near sqrt) or a "
                 f"positive int; use e.g. decompose_factor=8"
@@ -226,7 +226,11 @@ class LoKrAdapter(Adapter):
         dt = self.lokr_w2_b.dtype if not self.full2 else self.lokr_w2.dtype
         x = x.to(dt)
         if layer.kind == "conv":
-            u = layer._conv_forward(x, self.delta_weight(layer).to(dt), None)  # (N, out, *spatial)
+            u = layer._conv_forward(
+                x,  # type: ignore[operator]  # a ConvNd base
+                self.delta_weight(layer).to(dt),
+                None,
+            )  # (N, out, *spatial)
             if mask is not None:
                 mask = mask.view(-1, *[1] * (layer.weight.dim() - 2))  # (out, 1, ..)
         else:

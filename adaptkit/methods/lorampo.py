@@ -169,6 +169,7 @@ class LoRAMPO(AdapterSpec):
         if self.mode == "lora":
             return (out, 1), (1, inp)
         shapes = []
+        given: tuple[int, ...] | None
         for fld, given, dim, what in (
             ("out_shape", self.out_shape, out, "out_features"),
             ("in_shape", self.in_shape, inp, "in_features"),
@@ -247,7 +248,7 @@ class LoRAMPOAdapter(Adapter):
     ):
         super().__init__()
         w = layer.weight
-        kw = dict(device=w.device, dtype=w.dtype)
+        kw: dict[str, Any] = dict(device=w.device, dtype=w.dtype)
         (o1, o2), (i1, i2) = out_shape, in_shape
         self.mode, self.rank, self.scale, self.p = mode, rank, float(scale), float(dropout)
         self.out_shape, self.in_shape, self.init_niter = (o1, o2), (i1, i2), init_niter

@@ -166,37 +166,6 @@ def mora_delta(M: torch.Tensor, in_features: int, out_features: int, mora_type) 
     return dw
 
 
-class _MoRAState:
-    """What MoRAAdapter and MoRALinear share: attributes ``mora_M`` (r̂, r̂), ``mora_type``,
-    ``r_hat``, ``p`` (dropout), ``in_features``, ``out_features``, ``_tables``."""
-
-    def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
-        M = self.mora_M
-        if self.p and self.training:
-            x = F.dropout(x, self.p, True)
-        x, tables = x.to(M.dtype), None
-        if self.mora_type == 6 and tracing():  # torch.compile: filling the dict would recompile
-            tables = rope_tables(-(-self.in_features // self.r_hat), self.r_hat, x.device, x.dtype)
-        elif self.mora_type == 6:
-            key = (x.dtype, x.device)
-            if key not in self._tables:  # fp32 tables cast to the activation dtype, per dtype
-                self._tables[key] = rope_tables(-(-self.in_features // self.r_hat), self.r_hat, x.device, x.dtype)
-            tables = self._tables[key]
-        return mora_update(x, M, self.out_features, self.mora_type, tables)
-
-    def dense_delta(self, dtype=torch.float32) -> torch.Tensor:
-        """ΔW on the (out, in) view, in ``dtype`` (fp32 by default)."""
-        return mora_delta(self.mora_M.detach().to(dtype), self.in_features, self.out_features, self.mora_type)
-
-    @torch.no_grad()
-    def reset(self, new_type=None) -> None:
-        """Zero M (the update restarts from 0) and switch to ``new_type`` if given."""
-        if new_type is not None:
-            check_type(type(self).__name__, new_type, self.r_hat)
-            self.mora_type = new_type
-        self.mora_M.zero_()
-
-
 @register_method
 @dataclass(frozen=True)
 class MoRA(AdapterSpec):
@@ -234,8 +203,12 @@ class MoRA(AdapterSpec):
         return MoRAAdapter(layer, r, self.mora_type, self.dropout)
 
 
-class MoRAAdapter(_MoRAState, Adapter):
-    """The MoRA update on one wrapped layer (module docstring); parameter ``mora_M``."""
+class MoRAAdapter(Adapter):
+    """The MoRA update on one wrapped layer (module docstring); parameter ``mora_M`` (r̂, r̂).
+    ``ak.MoRALinear`` owns one of these; ReMoRA calls ``reset``."""
+
+    mora_M: nn.Parameter
+    _tables: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]]
 
     def __init__(self, layer: AdaptedLayer, r_hat: int, mora_type, dropout: float):
         super().__init__()
@@ -243,6 +216,32 @@ class MoRAAdapter(_MoRAState, Adapter):
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.r_hat, self.mora_type, self.p, self._tables = r_hat, mora_type, float(dropout), {}
         self.mora_M = nn.Parameter(torch.zeros(r_hat, r_hat, device=w.device, dtype=w.dtype))
+
+    def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
+        M = self.mora_M
+        if self.p and self.training:
+            x = F.dropout(x, self.p, True)
+        x, tables = x.to(M.dtype), None
+        if self.mora_type == 6 and tracing():  # torch.compile: filling the dict would recompile
+            tables = rope_tables(-(-self.in_features // self.r_hat), self.r_hat, x.device, x.dtype)
+        elif self.mora_type == 6:
+            key = (x.dtype, x.device)
+            if key not in self._tables:  # fp32 tables cast to the activation dtype, per dtype
+                self._tables[key] = rope_tables(-(-self.in_features // self.r_hat), self.r_hat, x.device, x.dtype)
+            tables = self._tables[key]
+        return mora_update(x, M, self.out_features, self.mora_type, tables)
+
+    def dense_delta(self, dtype=torch.float32) -> torch.Tensor:
+        """ΔW on the (out, in) view, in ``dtype`` (fp32 by default)."""
+        return mora_delta(self.mora_M.detach().to(dtype), self.in_features, self.out_features, self.mora_type)
+
+    @torch.no_grad()
+    def reset(self, new_type=None) -> None:
+        """Zero M (the update restarts from 0) and switch to ``new_type`` if given."""
+        if new_type is not None:
+            check_type(type(self).__name__, new_type, self.r_hat)
+            self.mora_type = new_type
+        self.mora_M.zero_()
 
     def update(self, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
         return y + self.delta_forward(x).to(y.dtype)

@@ -11,6 +11,8 @@ merge, unmerge and ``ak.merge`` are the shared ones; only the state-dict layout 
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn as nn
 
@@ -18,12 +20,12 @@ from ..base import LinearBase
 from ..errors import AdaptkitError
 from ..layer import AdaptedLayer
 from ..targets import matches
-from .mora import MoRA
+from .mora import MoRA, MoRAAdapter
 
 OWN = "(mora)"  # the adapter's name: not a valid ak.inject name, so no adapter can clash
 
 
-class MoRALinear(AdaptedLayer, nn.Linear):
+class MoRALinear(AdaptedLayer, nn.Linear):  # type: ignore[misc,override]  # AdaptedLayer derives in/out_features
     """``nn.Linear`` drop-in with a MoRA update: ``y = x Wᵀ + b + D(M·C(drop(x)))``.
 
     State-dict keys: ``weight``, ``bias`` (as nn.Linear) and ``mora_M`` (r̂, r̂); a plain
@@ -102,7 +104,7 @@ class MoRALinear(AdaptedLayer, nn.Linear):
     def _sync(self) -> None:
         """Point the adapter at the current ``mora_M`` and training mode (``.to()``,
         ``load_state_dict(assign=True)`` and ``train()`` reach only the module tree)."""
-        a = self.adapters[OWN]
+        a = self._mora
         a._parameters["mora_M"] = self._parameters["mora_M"]
         a.training = self.training
 
@@ -118,20 +120,24 @@ class MoRALinear(AdaptedLayer, nn.Linear):
 
     # ---- the drop-in's own API, over the shared machinery -----------------------------
     @property
+    def _mora(self) -> MoRAAdapter:
+        return cast(MoRAAdapter, self.adapters[OWN])
+
+    @property
     def merged(self) -> bool:
-        return self.adapters[OWN].merged
+        return self._mora.merged
 
     @property
     def mora_type(self):
-        return self.adapters[OWN].mora_type
+        return self._mora.mora_type
 
     @property
     def r_hat(self) -> int:
-        return self.adapters[OWN].r_hat
+        return self._mora.r_hat
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW (out, in) in fp32 (fp64 for a fp64 layer)."""
-        return self.adapters[OWN].delta_weight(self)
+        return self._mora.delta_weight(self)
 
     def to_linear(self) -> nn.Linear:
         """Merge and return a plain nn.Linear holding this module's weight / bias."""
@@ -139,7 +145,7 @@ class MoRALinear(AdaptedLayer, nn.Linear):
 
     def unload(self, requantize: bool = False) -> nn.Linear:
         self.merge()
-        lin = self.unwrap()
+        lin = cast(nn.Linear, self.unwrap())
         for k, p in lin._parameters.items():
             if p is not None:
                 p.requires_grad_(self._base_grad.get(k, True))
@@ -178,7 +184,7 @@ def apply_mora_linear(model: nn.Module, targets=None, exclude=None, **kw) -> lis
             f"exclude={exclude!r} (the root module cannot be swapped in place; "
             f"use MoRALinear.from_linear for it)"
         )
-    new = {p: MoRALinear.from_linear(model.get_submodule(p), **kw) for p in paths}
+    new = {p: MoRALinear.from_linear(cast(nn.Linear, model.get_submodule(p)), **kw) for p in paths}
     for p, m in new.items():
         model.set_submodule(p, m)
     return paths

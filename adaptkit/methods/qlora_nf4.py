@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 
 from ..errors import AdaptkitError
@@ -60,17 +61,18 @@ class QLoRA(LoRA):
     def supports(self, kind: str) -> bool:
         return kind == "linear"
 
+    def _dtype(self) -> torch.dtype | None:
+        return DTYPES[self.compute_dtype] if self.compute_dtype else None  # validated to be a key
+
     def settings(self) -> dict:
         """Keyword arguments of NF4Linear.from_linear for this spec."""
-        return dict(
-            blocksize=self.blocksize, double_quant=self.double_quant, compute_dtype=DTYPES.get(self.compute_dtype)
-        )
+        return dict(blocksize=self.blocksize, double_quant=self.double_quant, compute_dtype=self._dtype())
 
     def prepare_base(self, module: nn.Module, path: str) -> nn.Module:
         """An NF4 copy of a float nn.Linear; an NF4 base (wrapped or not) as it is."""
         if isinstance(module, NF4Linear):
             got = (module.blocksize, module.double_quant)
-            cd = DTYPES.get(self.compute_dtype)
+            cd = self._dtype()
             if got != (self.blocksize, self.double_quant) or cd not in (None, module.compute_dtype):
                 raise AdaptkitError(
                     f"QLoRA: '{path}' is already NF4 with blocksize={got[0]}, double_quant={got[1]}, "
@@ -84,6 +86,10 @@ class QLoRA(LoRA):
                 f"QLoRA: '{path}' already carries adapters {list(module.adapters)} on "
                 f"a float weight, which quantising would change; inject QLoRA first, "
                 f"or quantise with adaptkit.nf4.quantize before any adapter"
+            )
+        if not isinstance(module, nn.Linear):
+            raise AdaptkitError(
+                f"QLoRA: '{path}' is a {type(module).__name__}, not an nn.Linear; exclude it from targets"
             )
         return NF4Linear.from_linear(module, **self.settings())
 
