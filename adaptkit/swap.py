@@ -91,6 +91,7 @@ RULES: dict[str, _Rule] = {
     "lokr": _Rule(("lokr_w1", "lokr_w1_a"), {}, _lokr_scale),
     "geolora": _Rule(("S",), {}, lambda spec, path, a: spec.alpha_for(path) / spec.rank_for(path)),
     "mora": _Rule((), {}, lambda spec, path, a: 1.0),
+    "trainable_tokens": _Rule((), {}, lambda spec, path, a: 1.0),  # the rows, copied as they are
 }
 
 

@@ -361,3 +361,34 @@ def test_adaptkit_tokens_export_to_peft_and_failed_import_is_clean(tmp_path):
     assert "_adaptkit" not in small.__dict__
     assert all(torch.equal(before[k], v) for k, v in small.state_dict().items())
     assert {n: p.requires_grad for n, p in small.named_parameters()} == flags
+
+
+def test_swap_into_a_compiled_tied_model_does_not_recompile(tmp_path):
+    from torch._dynamo.testing import CompileCounter
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(20, 8), nn.Linear(8, 20, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.emb(x)))
+
+    base, x = Tied().eval(), torch.tensor([[3, 5, 1, 2]])
+    m = copy.deepcopy(base)
+    ak.inject(m, ak.TrainableTokens(token_ids=[3, 5], targets="emb"), name="a")
+    cnt = CompileCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend=cnt, fullgraph=True)
+    with torch.no_grad():
+        compiled(x)
+        for seed in (1, 2):
+            other = copy.deepcopy(base)
+            ak.inject(other, ak.TrainableTokens(token_ids=[3, 5], targets="emb"))
+            randomise(other, seed=seed)
+            ak.save(other, tmp_path / f"{seed}.safetensors")
+            assert ak.swap(compiled, tmp_path / f"{seed}.safetensors", name="a") == ["emb", "head"]
+            assert torch.equal(compiled(x), other(x))
+    assert cnt.frame_count == 1
+    torch._dynamo.reset()
