@@ -75,6 +75,11 @@ def form(method: str) -> PeftForm:
     return f
 
 
+def tokens_form() -> Any:
+    """TrainableTokens' PEFT form, which also splits / joins a LoRA folder's trainable tokens."""
+    return form("trainable_tokens")
+
+
 def check_layer(method: str, kind: str, shape, path: str, m: nn.Module | None = None) -> None:
     """Refuse a layer on which PEFT computes another update than ``method`` does (given the
     module ``m``: also from its geometry); each method's form says which."""
@@ -325,7 +330,7 @@ def read_peft(model: nn.Module, folder, name: str = "default", tokens_name: str 
     parts = [(name, cfg, tensors)]
     if cfg.get("trainable_token_indices") is not None:
         tname = tokens_name or f"{name}_tokens"
-        lcfg, ltensors, tcfg, ttensors = form("trainable_tokens").split(cfg, tensors, _input_embeddings(modules))
+        lcfg, ltensors, tcfg, ttensors = tokens_form().split(cfg, tensors, _input_embeddings(modules))
         parts = [(name, lcfg, ltensors), (tname, tcfg, ttensors)]
         check_name(model, tname, "read_peft")
         if tname == name:
@@ -370,7 +375,7 @@ def write_peft(model: nn.Module, folder, name: str = "default", tokens: str | No
                 check_layer(d["method"], d["kind"], d["shape"], p, model.get_submodule(p))
         meta = {"adaptkit.spec": json.dumps(st.specs[n].to_dict()), "adaptkit.layers": json.dumps(layers)}
         done.append(to_peft(tensors, meta, mods))
-    cfg, out = done[0] if tokens is None else form("trainable_tokens").join(*done[0], *done[1])
+    cfg, out = done[0] if tokens is None else tokens_form().join(*done[0], *done[1])
     write_folder(folder, cfg, out)
 
 

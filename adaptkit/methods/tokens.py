@@ -102,7 +102,9 @@ class TrainableTokens(AdapterSpec):
         from ..targets import _inside_wrapper
 
         mods = dict(model.named_modules())
-        tied = {id(mods[p]._parameters.get("weight")) for p in paths if base_kind(mods.get(p)) == "embedding"}
+        tied = {
+            id(m._parameters.get("weight")) for p in paths if base_kind(m := mods.get(p, nn.Module())) == "embedding"
+        }
         extra = [
             n
             for n, m in mods.items()
@@ -137,6 +139,12 @@ class TrainableTokens(AdapterSpec):
 class TokensAdapter(Adapter):
     """The rows of one embedding, or (``owner`` set by :meth:`TrainableTokens.link`) a layer
     tied to another adapter's rows; see the module docstring."""
+
+    owner: TokensAdapter | None = None  # set in __dict__: the owner lives in another layer's tree
+    ids: torch.Tensor  # (n,) buffers and parameter (registered in __init__)
+    lut: torch.Tensor  # (V,)
+    base_rows: torch.Tensor  # (n, d)
+    token_values: nn.Parameter  # (n, d)
 
     def __init__(self, layer: AdaptedLayer, token_ids: tuple[int, ...], init: str):
         super().__init__()
@@ -222,7 +230,8 @@ class TrainableTokensPeft(PeftForm):
         # init_weights only picks the initial rows; the file holds the trained ones
         return dict(rank=8, alpha=None, token_ids=cfg.get("token_indices"))
 
-    def full_config(self, common: dict, spec: TrainableTokens, layers: dict[str, dict]) -> dict:
+    def full_config(self, common: dict, spec: AdapterSpec, layers: dict[str, dict]) -> dict:
+        assert isinstance(spec, TrainableTokens)
         if spec.modules_to_save or spec.bias != "none":
             raise err("TrainableTokensConfig has no modules_to_save or bias; save those in another adapter")
         return {
