@@ -246,6 +246,13 @@ def to_lora(
             f"to_lora: adapter {name!r} is merged at {merged[:3]}; its update is "
             f"inside W there. Unmerge first (layer.unmerge(), or merge later)"
         )
+    tied = [p for p, layer in layers if getattr(layer.adapters[name], "owner", None) is not None]
+    if tied:  # TrainableTokens on a tied lm_head: one weight, which two LoRAs would both merge into
+        raise AdaptkitError(
+            f"to_lora: adapter {name!r} reaches {tied} through a weight tied to another adapted "
+            f"layer; a LoRA on each would be merged twice into the one shared weight. Untie the "
+            f"weights first (or convert the adapter on a model without tied embeddings)"
+        )
     tensors, table = adapter_tensors(model, name)
     own = {f"{p}.{k}" for p, layer in layers for k in layer.adapters[name].state_dict()}
     extras = {q: t for q, t in tensors.items() if q not in own}

@@ -392,3 +392,16 @@ def test_swap_into_a_compiled_tied_model_does_not_recompile(tmp_path):
             assert torch.equal(compiled(x), other(x))
     assert cnt.frame_count == 1
     torch._dynamo.reset()
+
+
+def test_to_lora_refuses_a_tied_head():
+    m = llama()
+    ak.inject(m, ak.TrainableTokens(token_ids=IDS, targets=r"model\.embed_tokens"))
+    with pytest.raises(ak.AdaptkitError, match=r"reaches \['lm_head'\] through a weight tied"):
+        ak.to_lora(m, "default", rank=2)
+    assert list(state(m).specs) == ["default"]
+    untied = llama(tied=False)
+    ak.inject(untied, ak.TrainableTokens(token_ids=IDS, targets=r"model\.embed_tokens"))
+    randomise(untied)
+    res = ak.to_lora(untied, "default", rank=3)  # the update has rank 3 (three rows): exact
+    assert res.errors["model.embed_tokens"] < 1e-5
