@@ -91,9 +91,7 @@ def plan(
         raise AdaptkitError(f"inject: expected a spec such as ak.LoRA(...), got {type(spec).__name__}")
     check_name(model, name)
     paths = select(model, spec) if paths is None else paths
-    tied = getattr(spec, "tied_paths", None)  # TrainableTokens: + modules sharing the weight (lm_head)
-    if tied is not None:
-        paths = tied(model, paths)
+    paths = getattr(spec, "tied_paths", lambda _, p: p)(model, paths)  # TrainableTokens: + a tied lm_head
     errors, built = [], []
     for path in paths:
         try:
