@@ -80,6 +80,11 @@ class LoRA(AdapterSpec):
                 f"Embedding '{path}'; exclude it or use init='default'"
             )
         s = lora_scale(self.alpha_for(path), r, self.use_rslora)
+        if layer.kind == "param":  # target_parameters: one adapter per expert (methods/lora_param.py)
+            from .lora_param import ParamLoRAAdapter, check_param_spec
+
+            check_param_spec(self, path)
+            return ParamLoRAAdapter(layer, r, s, self.init)
         return LoRAAdapter(layer, r, s, self.dropout, self.init)
 
 
