@@ -284,3 +284,32 @@ def test_refusals_name_the_parameter_and_change_nothing(spec, match):
 def test_empty_targets_refused():
     with pytest.raises(ak.AdaptkitError, match="both empty"):
         ak.LoRA(targets=None)
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "eager", "batched_mm"])
+def test_low_rank_fast_path_equals_dense(impl, monkeypatch):
+    """Eager LoRA hands the experts a LowRankWeight (grouped GEMMs / per-expert linear run low
+    rank, anything else gets the dense W + sBA); forward and gradients equal the dense path."""
+    from adaptkit.methods import lora_param
+
+    m = _mixtral()
+    m.config._experts_implementation = impl
+    ak.inject(m, ak.LoRA(rank=4, alpha=6, targets=None, target_parameters=EXPERTS))
+    randomise_adapters(m, 0.1, seed=8)
+    dense = []
+    real = lora_param.LowRankWeight.dense
+    monkeypatch.setattr(lora_param.LowRankWeight, "dense", lambda self: dense.append(1) or real(self))
+
+    def run():
+        m.zero_grad()
+        y = _out(m)
+        y.pow(2).mean().backward()
+        return y.detach(), [p.grad.clone() for p in m.parameters() if p.requires_grad]
+
+    y, g = run()
+    assert (len(dense) > 0) == (impl == "batched_mm")  # batched_mm indexes per token: dense
+    monkeypatch.setattr(lora_param.ParamLoRAAdapter, "update_weight", lora_param.ParamLoRAAdapter._fold)
+    y2, g2 = run()
+    torch.testing.assert_close(y, y2, atol=1e-5, rtol=0)
+    for a, b in zip(g, g2):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)

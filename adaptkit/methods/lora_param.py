@@ -22,10 +22,95 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..errors import AdaptkitError
-from ..layer import AdaptedLayer, Adapter
+from ..layer import AdaptedLayer, Adapter, tracing
 from .lora import LoRAAdapter
+
+# ops that read only metadata: answered from W, which has W''s shape, dtype, device, strides
+_META = {
+    torch.Tensor.size, torch.Tensor.dim, torch.Tensor.stride, torch.Tensor.data_ptr, torch.Tensor.is_contiguous,
+    torch.Tensor.is_floating_point, torch.Tensor.element_size, torch.Tensor.numel, torch.Tensor.storage_offset,
+    torch.Tensor.shape.__get__, torch.Tensor.dtype.__get__, torch.Tensor.device.__get__, torch.Tensor.ndim.__get__,
+    torch.Tensor.is_cuda.__get__, torch.Tensor.layout.__get__, torch.Tensor.requires_grad.__get__,
+}  # fmt: skip
+_GROUPED = ("_grouped_mm", "grouped_mm", "grouped_mm_fallback")
+
+
+class LowRankWeight(torch.Tensor):
+    """``W + s B A`` kept factored (the eager LoRA fast path of :meth:`ParamLoRAAdapter.update_weight`).
+
+    The owner's forward gets this in place of the adapted weight. The ops MoE experts apply to
+    it run low rank: ``transpose`` of the last two dims and indexing one expert give another
+    LowRankWeight; ``F.linear(x, W'[e])`` = ``F.linear(x, W[e]) + s (x A^T) B^T``; a grouped
+    GEMM (torch's ``grouped_mm``, transformers' fallback op) on ``W'^T`` = ``grouped_mm(x, W^T)
+    + s grouped_mm(grouped_mm(x, A^T), B^T)``. The frozen W then gets no weight gradient at
+    all (only A and B, through thin GEMMs), which is what makes a train step cost about the
+    frozen base's. Any other op gets the dense ``W + s B A`` (one baddbmm), so results never
+    depend on which ops are recognised. ``t``: the tensor is the transpose of the last two
+    dims (it holds ``W^T + s A^T B^T``)."""
+
+    @staticmethod
+    def __new__(cls, w, B, A, s, t):
+        r = torch.Tensor._make_subclass(cls, w.detach())
+        r._w, r._B, r._A, r._s, r._t = w, B, A, s, t
+        return r
+
+    def dense(self) -> torch.Tensor:
+        w = self._w.transpose(-1, -2) if self._t else self._w  # (*lead, out, in)
+        v = (torch.baddbmm if w.dim() == 3 else torch.addmm)(w, self._B, self._A, alpha=self._s)
+        return v.transpose(-1, -2) if self._t else v
+
+    def _like(self, w, B, A, t):
+        return LowRankWeight(w, B, A, self._s, t)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _META:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        fast = _fast(func, args, kwargs)
+        if fast is not None:
+            return fast
+        args, kwargs = torch.utils._pytree.tree_map(lambda a: a.dense() if isinstance(a, cls) else a, (args, kwargs))
+        return func(*args, **kwargs)
+
+
+def _last_two(w, d0, d1) -> bool:
+    return {d0 % w.dim(), d1 % w.dim()} == {w.dim() - 2, w.dim() - 1}
+
+
+def _fast(func, args, kwargs):
+    """The low-rank form of ``func(*args)`` when it has one, else None."""
+    name = getattr(func, "__name__", "") or str(func)
+    w = args[0] if args else None
+    if func in (torch.Tensor.transpose, torch.transpose) and isinstance(w, LowRankWeight) and len(args) == 3:
+        if _last_two(w, args[1], args[2]):
+            return w._like(w._w.transpose(-1, -2), w._B, w._A, not w._t)
+    elif func is torch.Tensor.__getitem__ and isinstance(w, LowRankWeight) and w.dim() == 3 and not kwargs:
+        i = args[1]
+        if isinstance(i, int) or isinstance(i, torch.Tensor) and i.dim() == 0 and not i.is_floating_point():
+            return w._like(w._w[i], w._B[i], w._A[i], w._t)
+    elif func is F.linear and len(args) >= 2 and isinstance(args[1], LowRankWeight):
+        x, lw, b = args[0], args[1], args[2] if len(args) > 2 else kwargs.get("bias")
+        if lw.dim() == 2 and not lw._t and not isinstance(x, LowRankWeight):
+            h = F.linear(x, lw._A)  # (..., r)
+            # in place on a fresh output: linear's backward saves its inputs, not its output
+            return F.linear(x, lw._w, b).add_(F.linear(h, lw._B), alpha=lw._s)
+    elif name.split(".")[-1] in _GROUPED or any(g + "." in name for g in _GROUPED):
+        x = args[0]
+        lw = args[1] if len(args) > 1 else kwargs.get("weight", kwargs.get("mat_b"))
+        if isinstance(lw, LowRankWeight) and lw._t and lw.dim() == 3 and not isinstance(x, LowRankWeight):
+            rest, kw = args[2:], {k: v for k, v in kwargs.items() if k not in ("weight", "mat_b")}
+            base = func(x, lw._w, *rest, **kw)  # (S, out)
+            # grouped GEMM kernels want 16-byte strides: zero-pad r (exact) to a multiple
+            pad = -lw._A.shape[-2] % max(1, 16 // lw._A.element_size())
+            At = F.pad(lw._A.transpose(-1, -2), (0, pad)).contiguous()  # (E, in, r + pad)
+            Bt = F.pad(lw._B.transpose(-1, -2), (0, 0, 0, pad)).contiguous()  # (E, r + pad, out)
+            return base.add_(func(func(x, At, *rest, **kw), Bt, *rest, **kw), alpha=lw._s)
+    return None
 
 
 def check_param_spec(spec, path: str) -> None:
@@ -79,7 +164,13 @@ class ParamLoRAAdapter(LoRAAdapter):
         return layer.base.from_2d(out, layer)
 
     def update_weight(self, w: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
-        return self._fold(w, layer)
+        if tracing() or w is not layer.weight:  # compiled, or after another adapter: dense
+            return self._fold(w, layer)
+        p = self._parameters
+        A, B = p["lora_A"], p["lora_B"]
+        if A.dtype != w.dtype:
+            A, B = A.to(w.dtype), B.to(w.dtype)
+        return LowRankWeight(w, B, A, self.scale, layer.base.transposed)
 
 
 class ParamDoRAAdapter(ParamLoRAAdapter):
