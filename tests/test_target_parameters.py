@@ -313,3 +313,17 @@ def test_low_rank_fast_path_equals_dense(impl, monkeypatch):
     torch.testing.assert_close(y, y2, atol=1e-5, rtol=0)
     for a, b in zip(g, g2):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["cat", "svd"])
+def test_combine_per_expert_and_to_lora_refused(method):
+    m = _mixtral()
+    ak.inject(m, ak.LoRA(rank=2, alpha=3, targets=ATTN, target_parameters=EXPERTS), name="a")
+    ak.inject(m, ak.LoRA(rank=3, alpha=5, targets=None, target_parameters=EXPERTS), name="b")
+    randomise_adapters(m, 0.1, seed=9)
+    y_ab = _out(m)
+    ak.combine(m, {"a": 1.0, "b": 1.0}, name="mix", method=method, **({"rank": 5} if method == "svd" else {}))
+    torch.testing.assert_close(_out(m), y_ab, atol=1e-5, rtol=0)  # rank 5 = r_a + r_b: exact
+    assert _layer(m, "model.layers.0.mlp.experts.down_proj").adapters["mix"].lora_A.shape[:2] == (4, 5)
+    with pytest.raises(ak.AdaptkitError, match="target_parameters"):
+        ak.to_lora(m, name="a", rank=2)
