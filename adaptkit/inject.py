@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from .errors import AdaptkitError
 from .layer import adapted_layers, base_kind, wrap
-from .param_base import ParamLayer, find
+from .param_base import ParamLayer, find, module_at
 from .spec import AdapterSpec
 from .targets import read_by_parent, saved_modules, select
 
@@ -134,7 +134,8 @@ def plan(
     if spec.bias != "none":
         scope = paths if spec.bias == "adapter_only" else [n for n, _ in model.named_modules()]
         for p in scope:
-            b = model.get_submodule(p)._parameters.get("bias")
+            owner = module_at(model, p)  # None at a parameter path: it has no bias of its own
+            b = None if owner is None or isinstance(owner, ParamLayer) else owner._parameters.get("bias")
             if b is not None and f"{p}.bias".lstrip(".") not in extras:
                 extras.append(f"{p}.bias".lstrip("."))
     if errors:

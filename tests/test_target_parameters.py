@@ -327,3 +327,11 @@ def test_combine_per_expert_and_to_lora_refused(method):
     assert _layer(m, "model.layers.0.mlp.experts.down_proj").adapters["mix"].lora_A.shape[:2] == (4, 5)
     with pytest.raises(ak.AdaptkitError, match="target_parameters"):
         ak.to_lora(m, name="a", rank=2)
+
+
+@pytest.mark.parametrize("bias", ["all", "adapter_only"])
+def test_bias_modes_with_parameters(bias):
+    m = _qwen3_moe()
+    ak.inject(m, ak.LoRA(rank=2, targets=None, target_parameters=r".*\.experts\.down_proj"), name="a")
+    ak.inject(m, ak.LoRA(rank=2, targets=ATTN, target_parameters=EXPERTS, bias=bias), name="b")
+    assert ak.summary(m).per_adapter["b"]["layers"] == 8
