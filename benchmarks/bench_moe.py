@@ -135,7 +135,6 @@ def main() -> None:
     path = C.json_path(args, "bench_moe")
     C.write_json(path, {"env": C.env_info(batch=batch, seq=seq), "results": res, "costs": costs,
                         "ratios": ratios, "checks": check})  # fmt: skip
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
