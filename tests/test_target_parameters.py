@@ -250,9 +250,10 @@ def test_dense_reference_2d_and_3d(transposed, method):
     assert a.lora_A.shape == (3, 2, 6) and a.lora_B.shape == (3, 4, 2)  # (E, r, in), (E, out, r)
 
 
-def test_compile_no_graph_break():
+@pytest.mark.parametrize("cls", [ak.LoRA, ak.DoRA])
+def test_compile_no_graph_break(cls):
     m = _mixtral()
-    ak.inject(m, ak.LoRA(rank=4, alpha=6, targets=ATTN, target_parameters=EXPERTS))
+    ak.inject(m, cls(rank=4, alpha=6, targets=ATTN, target_parameters=EXPERTS))
     randomise_adapters(m, 0.1, seed=7)
     y = _out(m)
     assert torch._dynamo.explain(m)(X).graph_break_count == 0
