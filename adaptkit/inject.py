@@ -102,6 +102,12 @@ def plan(
             errors.append(f"no module at '{path}'")
             continue
         kind = base_kind(m)
+        if kind == "param" and not spec.supports(kind):
+            errors.append(
+                f"{type(spec).__name__} cannot adapt '{path}' (a {m.weight.dim()}-D parameter of "
+                f"{m._base_cls.__name__}); narrow target_parameters (ak.LoRA and ak.DoRA adapt parameters)"
+            )
+            continue
         if kind is None or not spec.supports(kind):
             errors.append(
                 f"{type(spec).__name__} cannot adapt '{path}' ({type(m).__name__}); exclude it or narrow targets"

@@ -266,7 +266,7 @@ def test_compile_no_graph_break(cls):
     ("spec", "match"),
     [
         (lambda: ak.LoRA(targets=None, target_parameters=EXPERTS, dropout=0.1), r"dropout.*experts\.(gate_up|down)_proj"),
-        (lambda: ak.LoKr(targets=None, target_parameters=EXPERTS), r"cannot adapt.*experts\.(gate_up|down)_proj"),
+        (lambda: ak.LoKr(targets=None, target_parameters=EXPERTS), r"cannot adapt.*experts\.(gate_up|down)_proj.*3-D parameter of MixtralExperts"),
         (lambda: ak.LoRA(targets=None, target_parameters=r".*\.nope"), "matched no parameter"),
         (lambda: ak.LoRA(targets=None, target_parameters=r".*norm\.weight"), "1-D"),
         (lambda: ak.LoRA(targets=None, target_parameters=r".*q_proj\.weight"), "select it with targets"),
@@ -336,3 +336,11 @@ def test_bias_modes_with_parameters(bias):
     ak.inject(m, ak.LoRA(rank=2, targets=None, target_parameters=r".*\.experts\.down_proj"), name="a")
     ak.inject(m, ak.LoRA(rank=2, targets=ATTN, target_parameters=EXPERTS, bias=bias), name="b")
     assert ak.summary(m).per_adapter["b"]["layers"] == 8
+
+
+@pytest.mark.parametrize("cls", [ak.LoKr, ak.MoRA, ak.GeoLoRA, ak.LoRAMPO, ak.QLoRA])
+def test_other_methods_refuse_parameters(cls):
+    m = _mixtral()
+    with pytest.raises(ak.AdaptkitError, match=r"'model\.layers\.0\.mlp\.experts\.down_proj' \(a 3-D parameter"):
+        ak.inject(m, cls(rank=2, targets=None, target_parameters=r".*experts\.down_proj"))
+    assert "_adaptkit" not in m.__dict__
