@@ -105,10 +105,12 @@ def _fast(func, args, kwargs):
         if isinstance(lw, LowRankWeight) and lw._t and lw.dim() == 3 and not isinstance(x, LowRankWeight):
             rest, kw = args[2:], {k: v for k, v in kwargs.items() if k not in ("weight", "mat_b")}
             base = func(x, lw._w, *rest, **kw)  # (S, out)
-            # grouped GEMM kernels want 16-byte strides: zero-pad r (exact) to a multiple
+            # the factors in the caller's own layout for W^T (transposes of row-major stacks),
+            # r zero-padded (exact) so that every stride is a multiple of 16 bytes, as grouped
+            # GEMM kernels require
             pad = -lw._A.shape[-2] % max(1, 16 // lw._A.element_size())
-            At = F.pad(lw._A.transpose(-1, -2), (0, pad)).contiguous()  # (E, in, r + pad)
-            Bt = F.pad(lw._B.transpose(-1, -2), (0, 0, 0, pad)).contiguous()  # (E, r + pad, out)
+            At = F.pad(lw._A, (0, 0, 0, pad)).transpose(-1, -2)  # (E, r + pad, in) -> (E, in, r + pad)
+            Bt = F.pad(lw._B, (0, pad)).transpose(-1, -2)  # (E, out, r + pad) -> (E, r + pad, out)
             return base.add_(func(func(x, At, *rest, **kw), Bt, *rest, **kw), alpha=lw._s)
     return None
 
