@@ -344,3 +344,22 @@ def test_other_methods_refuse_parameters(cls):
     with pytest.raises(ak.AdaptkitError, match=r"'model\.layers\.0\.mlp\.experts\.down_proj'.* \(a 3-D parameter of MixtralExperts\)"):
         ak.inject(m, cls(rank=2, targets=None, target_parameters=r".*experts\.down_proj"))
     assert "_adaptkit" not in m.__dict__
+
+
+def test_cli_merge_and_convert_to_peft(tmp_path, capsys):
+    from adaptkit.cli import main
+
+    base = _mixtral()
+    m = copy.deepcopy(base)
+    ak.inject(m, ak.LoRA(rank=4, alpha=6, targets=ATTN, target_parameters=EXPERTS))
+    randomise_adapters(m, 0.1, seed=10)
+    ak.save(m, tmp_path / "a.safetensors")
+    save_file(base.state_dict(), tmp_path / "b.safetensors")  # expert stacks keyed by the parameter path
+    out = str(tmp_path / "o.safetensors")
+    assert main(["merge", str(tmp_path / "b.safetensors"), str(tmp_path / "a.safetensors"), "-o", out, "-q"]) == 0
+    got, ref = load_file(tmp_path / "o.safetensors"), ak.merge(copy.deepcopy(m)).state_dict()
+    for k, v in ref.items():
+        torch.testing.assert_close(got[k], v, atol=1e-6, rtol=0, msg=k)
+    assert main(["convert", str(tmp_path / "a.safetensors"), "-o", str(tmp_path / "peft")]) == 0
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
+    torch.testing.assert_close(_out(pm), _out(m), atol=1e-5, rtol=0)
