@@ -53,6 +53,10 @@ class Base:
     def from_2d(self, d: torch.Tensor, layer) -> torch.Tensor:
         return d.reshape(layer.weight.shape)  # (out, in_flat) -> native
 
+    def lead(self, layer) -> tuple[int, ...]:
+        """Leading batch dims of the adapters' view: () but for a 3-D parameter, (experts,)."""
+        return ()
+
     def param_kw(self, layer) -> dict[str, Any]:
         """device and dtype for the adapters' parameters."""
         w = layer.weight
@@ -212,7 +216,7 @@ class EmbeddingBase(Base):
 
 # checked last-registered first, so a more specific kind (NF4 Linear) wins over its parent
 BASES: list[type[Base]] = [LinearBase, TransposedBase, ConvBase, EmbeddingBase]
-KINDS = ("linear", "conv1d_t", "conv", "embedding")
+KINDS = ("linear", "conv1d_t", "conv", "embedding", "param")  # "param": adaptkit/param_base.py
 
 
 def register_base(cls: type[Base]) -> type[Base]:

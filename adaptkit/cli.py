@@ -61,20 +61,28 @@ def _read_base(path: str) -> tuple[dict[str, torch.Tensor], dict]:
         raise AdaptkitError(f"'{path}' is not a readable safetensors file ({type(e).__name__}: {e})") from None
 
 
-def _find_prefix(paths: list[str], keys, prefix: str | None, where: str) -> str:
-    """The prefix P with ``P + path + '.weight'`` in the base for every adapted path."""
+def _wkey(p: str, layers: dict | None = None) -> str:
+    """The base key of adapted path p's weight: ``p.weight``, or p itself for a parameter
+    adapted through target_parameters (kind "param")."""
+    return p if layers is not None and layers.get(p, {}).get("kind") == "param" else f"{p}.weight"
+
+
+def _find_prefix(paths: list[str], keys, prefix: str | None, where: str, layers: dict | None = None) -> str:
+    """The prefix P with ``P + path + '.weight'`` (a parameter: ``P + path``) in the base for
+    every adapted path."""
     if not paths:
         raise AdaptkitError("the adapter has no adapted layers")
     if prefix is not None:
-        miss = [p for p in paths if f"{prefix}{p}.weight" not in keys]
+        miss = [p for p in paths if f"{prefix}{_wkey(p, layers)}" not in keys]
         if miss:
             raise AdaptkitError(
-                f"{where} has no '{prefix}{miss[0]}.weight' ({len(miss)} adapted weights missing); check --prefix"
+                f"{where} has no '{prefix}{_wkey(miss[0], layers)}' ({len(miss)} adapted weights missing); "
+                f"check --prefix"
             )
         return prefix
-    tail = f"{paths[0]}.weight"
+    tail = _wkey(paths[0], layers)
     cands = {k[: -len(tail)] for k in keys if k == tail or k.endswith("." + tail)}
-    ok = sorted(c for c in cands if all(f"{c}{p}.weight" in keys for p in paths))
+    ok = sorted(c for c in cands if all(f"{c}{_wkey(p, layers)}" in keys for p in paths))
     if len(ok) != 1:
         raise AdaptkitError(
             f"{where}: cannot tell where the adapted weights are (candidate key "
@@ -187,11 +195,12 @@ def _fit_base(meta: dict, base: dict, prefix, base_name: str, adapter_name: str)
     layers = json.loads(meta["adaptkit.layers"])
     method = json.loads(meta["adaptkit.spec"])["method"]
     paths = [p for p, d in layers.items() if d["method"] == method]
-    pre = _find_prefix(paths, base, prefix, f"'{base_name}'")
+    pre = _find_prefix(paths, base, prefix, f"'{base_name}'", layers)
     bad = [
-        f"'{pre}{p}.weight' is {list(base[pre + p + '.weight'].shape)}, the adapter was made for {layers[p]['shape']}"
+        f"'{pre}{_wkey(p, layers)}' is {list(base[pre + _wkey(p, layers)].shape)}, the adapter was made for "
+        f"{layers[p]['shape']}"
         for p in paths
-        if list(base[pre + p + ".weight"].shape) != layers[p]["shape"]
+        if list(base[pre + _wkey(p, layers)].shape) != layers[p]["shape"]
     ]
     if bad:
         raise AdaptkitError(f"'{base_name}' does not fit '{adapter_name}': {'; '.join(bad)}")
@@ -227,7 +236,7 @@ def cmd_merge(args) -> None:
                 file=sys.stderr,
                 flush=True,
             )
-        key = f"{pre}{p}.weight"
+        key = f"{pre}{_wkey(p, layers)}"
         try:
             merged[key], keys = merge_layer(spec, p, layers[p], base[key], tensors)
         except BaseException:

@@ -65,7 +65,8 @@ def combine(
         ranks[p] = min(r, min(items[0][2].in_features, items[0][2].out_features)) if method == "svd" else r
     spec = LoRA(
         rank=max(ranks.values()),
-        targets=[re.escape(p) for p in parts],
+        targets=[re.escape(p) for p in parts if parts[p][0][2].kind != "param"],
+        target_parameters=[re.escape(p) for p in parts if parts[p][0][2].kind == "param"] or None,
         rank_pattern={re.escape(p): ranks[p] for p in parts},
         alpha_pattern={re.escape(p): float(ranks[p]) for p in parts},
     )  # scale 1
@@ -86,9 +87,10 @@ def _combined(items, method: str, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     layer) items: "cat" stacks the factors (exact, r' = sum r_i); "svd" keeps the top r
     terms of sum_i w_i delta_i, each delta_i the adapter's own ``delta_weight``."""
     if method == "cat":
-        A = torch.cat([ad.lora_A.float() for _, ad, _ in items], 0)  # (sum r_i, in_flat)
-        B = torch.cat([w * ad.scale * ad.lora_B.float() for w, ad, _ in items], 1)  # (out, sum r_i)
+        # rank dims -2 / -1: a 3-D parameter's factors are (E, r, in) / (E, out, r), per expert
+        A = torch.cat([ad.lora_A.float() for _, ad, _ in items], -2)  # (*lead, sum r_i, in_flat)
+        B = torch.cat([w * ad.scale * ad.lora_B.float() for w, ad, _ in items], -1)  # (*lead, out, sum r_i)
         return A, B
-    delta = sum(w * layer.to_2d(ad.delta_weight(layer)) for w, ad, layer in items)  # (out, in_flat)
-    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)  # (out, q), (q,), (q, in_flat)
-    return Vh[:r], U[:, :r] * S[:r]
+    delta = sum(w * layer.to_2d(ad.delta_weight(layer)) for w, ad, layer in items)  # (*lead, out, in_flat)
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)  # (*lead, out, q), (*lead, q), (*lead, q, in_flat)
+    return Vh[..., :r, :], U[..., :r] * S[..., None, :r]

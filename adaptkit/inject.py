@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from .errors import AdaptkitError
 from .layer import adapted_layers, base_kind, weight_shape, wrap
+from .param_base import ParamLayer, find, module_at
 from .spec import AdapterSpec
 from .targets import read_by_parent, saved_modules, select
 
@@ -95,17 +96,26 @@ def plan(
     errors, built = [], []
     for path in paths:
         try:
-            m = model.get_submodule(path)
-        except AttributeError:
+            m = find(model, path)  # a parameter path: its ParamLayer (adaptkit/param_base.py)
+        except AdaptkitError as e:
+            errors.append(str(e))
+            continue
+        if m is None:
             errors.append(f"no module at '{path}'")
             continue
         kind = base_kind(m)
+        if kind == "param" and not spec.supports(kind):
+            errors.append(
+                f"{type(spec).__name__} cannot adapt '{path}' (a {m.weight.dim()}-D parameter of "
+                f"{m._base_cls.__name__}); narrow target_parameters (ak.LoRA and ak.DoRA adapt parameters)"
+            )
+            continue
         if kind is None or not spec.supports(kind):
             errors.append(
                 f"{type(spec).__name__} cannot adapt '{path}' ({type(m).__name__}); exclude it or narrow targets"
             )
             continue
-        if read_by_parent(model, path):
+        if kind != "param" and read_by_parent(model, path):
             errors.append(
                 f"'{path}' is an nn.MultiheadAttention's out_proj, whose weight the "
                 f"attention reads without calling it, so an adapter there would be "
@@ -134,7 +144,8 @@ def plan(
     if spec.bias != "none":
         scope = paths if spec.bias == "adapter_only" else [n for n, _ in model.named_modules()]
         for p in scope:
-            b = model.get_submodule(p)._parameters.get("bias")
+            owner = module_at(model, p)  # None at a parameter path: it has no bias of its own
+            b = None if owner is None or isinstance(owner, ParamLayer) else owner._parameters.get("bias")
             if b is not None and f"{p}.bias".lstrip(".") not in extras:
                 extras.append(f"{p}.bias".lstrip("."))
     if errors:
@@ -180,7 +191,9 @@ def attach(model: nn.Module, spec: AdapterSpec, name: str, built, extras: list[s
         for p in model.parameters():
             p.requires_grad_(False)
     for path, layer, adapter in built:
-        if model.get_submodule(path) is not layer:
+        if isinstance(layer, ParamLayer):
+            layer.place()
+        elif model.get_submodule(path) is not layer:
             model.set_submodule(path, layer)
         adapter.to(device=layer.weight.device)
         layer.adapters[name] = adapter
@@ -325,8 +338,8 @@ def delete(model: nn.Module, name: str) -> None:
         layer.unmerge()
         del layer.adapters[name]
         layer.merge(merged, check=False)
-        if not len(layer.adapters):
-            model.set_submodule(path, layer.unwrap())
+        if not len(layer.adapters) and (plain := layer.unwrap()) is not None:  # None: a parameter's layer
+            model.set_submodule(path, plain)
     del st.specs[name]
     st.extras.pop(name, None)
     st.active = [n for n in st.active if n != name]

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from .errors import AdaptkitError
 from .inject import attach, check_model, check_name, plan, state
 from .layer import KINDS, adapted_layers, base_kind, weight_shape
+from .param_base import find
 from .spec import AdapterSpec
 
 FORMAT = "1"
@@ -193,7 +194,9 @@ def _layer_problem(p: str, d, method: str) -> str | None:
     kind, shape = d.get("kind"), d.get("shape")
     if kind not in KINDS:
         return f"'{p}' has kind={kind!r}, expected one of {list(KINDS)}"
-    dims = {"conv": (3, 4, 5), "linear": (2,), "conv1d_t": (2,), "embedding": (2,)}.get(kind, range(2, 9))
+    dims = {"conv": (3, 4, 5), "linear": (2,), "conv1d_t": (2,), "embedding": (2,), "param": (2, 3)}.get(
+        kind, range(2, 9)
+    )
     if not (
         isinstance(shape, list)
         and len(shape) in dims
@@ -298,9 +301,13 @@ def load_tensors(
     adapted = {p: d for p, d in layers.items() if d.get("method") == spec.method}
     for p, d in adapted.items():
         try:
-            m = model.get_submodule(p)
-        except AttributeError:
-            problems.append(f"module '{p}' is in the file but not in the model")
+            m = find(model, p)  # a parameter path: its ParamLayer (adaptkit/param_base.py)
+        except AdaptkitError as e:
+            m, msg = None, str(e)
+        else:
+            msg = f"module '{p}' is in the file but not in the model"
+        if m is None:
+            problems.append(msg)
             continue
         if base_kind(m) != d.get("kind") or weight_shape(m) != d.get("shape"):
             shape = weight_shape(m) if base_kind(m) else "no"

@@ -94,6 +94,11 @@ class Adapter(nn.Module):
     def base_forward(self, x: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
         return layer.base.forward(layer, x)
 
+    def update_weight(self, w: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
+        """A "param" base (adaptkit/param_base.py): the weight its module's forward sees, from
+        ``w`` (differentiable). Default: ``w + delta_weight``; LoRA folds it in one baddbmm."""
+        return w + self.delta_weight(layer).to(w.dtype)
+
 
 @runtime_checkable
 class AdapterLayer(Protocol):
@@ -300,7 +305,8 @@ def stand_in(kind: str, shape, weight: torch.Tensor | None = None, prepare=None)
     Conv geometry beyond the weight shape enters no delta."""
     s = tuple(shape)
     cls = next((b for b in BASES if b.kind == kind), None)
-    if cls is None or len(s) < 2 or kind == "conv" and len(s) not in (3, 4, 5) or kind != "conv" and len(s) != 2:
+    dims = {"conv": (3, 4, 5), "param": (2, 3)}.get(kind, (2,))
+    if cls is None or len(s) not in dims:
         raise AdaptkitError(f"unknown base kind {kind!r} with weight shape {list(s)}; kinds: {list(KINDS)}")
     m = cls.stand_in(s)
     if weight is not None:

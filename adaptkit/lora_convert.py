@@ -240,6 +240,12 @@ def to_lora(
     check_name(model, new_name)
     src = st.specs[name]
     layers = [(p, layer) for p, layer in adapted_layers(model) if name in layer.adapters]
+    params = [p for p, layer in layers if layer.kind == "param"]
+    if params:
+        raise AdaptkitError(
+            f"to_lora: adapter {name!r} adapts parameters {params[:3]} (target_parameters), which "
+            f"to_lora does not convert yet; it already is a LoRA / DoRA there (ak.merge or save it as is)"
+        )
     merged = [p for p, layer in layers if layer.adapters[name].merged]
     if merged:
         raise AdaptkitError(
@@ -324,6 +330,8 @@ def file_to_lora(
     paths = [p for p, d in layers.items() if d.get("method") == src.method]
     if not paths:
         raise AdaptkitError(f"{where}: no {src.method} layers to convert")
+    if any(layers[p].get("kind") == "param" for p in paths):
+        raise AdaptkitError(f"{where}: adapters on parameters (target_parameters) are not converted yet")
     factors, errors, own = {}, {}, set()
     for p in paths:
         d = layers[p]

@@ -60,6 +60,8 @@ def merge(model: nn.Module, unload: bool = True, requantize: bool = False) -> nn
         layer.merge(check=False)
         if unload:
             new = layer.unload(requantize)
+            if new is None:  # a parameter's layer (adaptkit/param_base.py) took itself out
+                continue
             if not path:
                 model = new  # the root itself was adapted (e.g. a lone ak.MoRALinear)
                 continue

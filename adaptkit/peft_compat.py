@@ -31,12 +31,15 @@ from .inject import check_name, delete, state
 from .io import FORMAT, _version, adapter_tensors, atomic_write, load_tensors, write_safetensors
 from .layer import AdaptedLayer, base_kind, stand_in
 from .merge import merge
+from .param_base import find
 from .peft_config import (
     PeftForm,
     form_of,
     forms,
     pattern_value,
     peft_config,
+    peft_param_key,
+    peft_param_targets,
     peft_targets,
     saved_names,
     saved_paths,
@@ -106,15 +109,25 @@ def group_keys(method: str, tensors: dict, where: str = "PEFT adapter") -> tuple
 
 
 def from_peft(
-    cfg: dict, tensors: dict, layer_of, saved=None, where: str = "PEFT adapter", order=()
+    cfg: dict, tensors: dict, layer_of, saved=None, where: str = "PEFT adapter", order=(), params=None
 ) -> tuple[dict, dict, list[str]]:
     """PEFT config + tensors -> (adaptkit tensors, adaptkit metadata, adapted paths).
     ``layer_of(path, peft_tensors) -> (kind, weight shape, base class name)``; ``saved``: the
-    modules_to_save paths (default: key prefixes ending with an item); ``order``: module names."""
+    modules_to_save paths (default: key prefixes ending with an item); ``order``: module names;
+    ``params``: {PEFT key path: parameter path} of ``target_parameters`` (from the model)."""
     method, kw = spec_fields(cfg)
     fm = form(method)
     groups, rest = group_keys(method, tensors, where)
     groups = fm.read_groups(groups, cfg)
+    if cfg.get("target_parameters"):
+        if params is None:
+            raise _err(
+                f"{where}: target_parameters adapters are keyed by module, not by parameter; "
+                f"naming the parameters needs the base model: use ak.peft_compat.read_peft(model, ...)"
+            )
+        groups = {params.get(p, p): g for p, g in groups.items()}
+        order = [q for o in order for q in [o, *(v for v in params.values() if v.rpartition(".")[0] == o)]]
+    params = set((params or {}).values())
     pos = {n: i for i, n in enumerate(order)}
     paths = sorted(groups, key=lambda p: pos.get(p, len(pos)))
     if not paths:
@@ -141,7 +154,11 @@ def from_peft(
     }
     try:
         spec = METHODS[method](
-            **kw, **pats, targets=list(esc.values()), modules_to_save=[re.escape(s) for s in saved] or None
+            **kw,
+            **pats,
+            targets=[esc[p] for p in paths if p not in params],
+            target_parameters=[esc[p] for p in paths if p in params] or None,
+            modules_to_save=[re.escape(s) for s in saved] or None,
         )
     except (TypeError, AdaptkitError) as e:
         raise _err(f"{where}: the config does not map to an adaptkit spec: {e}") from None
@@ -170,7 +187,7 @@ def from_peft(
             if pk in got and tuple(got[pk].shape) != ps:
                 problems.append(f"'{p}.{pk}': file {tuple(got[pk].shape)} vs config {ps} at r={spec.rank_for(p)}")
             elif pk in got:
-                out[f"{p}.{k}"] = got[pk].reshape(ashape)  # PEFT layout -> adaptkit's (a view)
+                out[f"{p}.{k}"] = fm.from_peft(kind, shape, k, got[pk], ashape)  # PEFT layout -> adaptkit's
         layers[p] = {"method": method, "base": base, "kind": kind, "shape": list(shape), "state": a.layer_state()}
     if problems:
         raise _err(f"{where}: " + "; ".join(problems) + ". Nothing was loaded")
@@ -206,8 +223,8 @@ def to_peft(tensors: dict, meta: dict, names: list[str] | None = None) -> tuple[
             if t is None or t.shape != v.shape:
                 problems.append(f"'{p}.{k}': {None if t is None else list(t.shape)} vs spec {list(v.shape)}")
                 continue
-            pk, ps = fm.layout(d["kind"], d["shape"], k, v.shape)
-            out[f"{PREFIX}{p}.{pk}"] = t.reshape(ps)  # adaptkit layout -> PEFT's
+            pk = fm.layout(d["kind"], d["shape"], k, v.shape)[0]
+            out[f"{PREFIX}{peft_param_key(p, layers)}.{pk}"] = fm.to_peft(d["kind"], d["shape"], k, t)
     if problems:
         raise _err("the adapter's tensors do not fit its spec: " + "; ".join(problems))
     out = fm.write_tensors(out, layers)
@@ -288,16 +305,18 @@ def _prepared(model: nn.Module, modules: dict, cfg: dict, tensors: dict, where: 
     """(adaptkit tensors, metadata) of one PEFT adapter, checked against ``model``: the
     config's targets (PEFT's rules, on ``model``) must be the file's layers."""
     method, targets = spec_fields(cfg)[0], peft_targets(cfg, modules)
+    params = peft_param_targets(cfg["target_parameters"], modules) if cfg.get("target_parameters") else None
+    targets += list((params or {}).values())
 
     def layer_of(p, _):
-        m = modules.get(p)
+        m = modules.get(p) if p in modules else find(model, p)  # a parameter path: its ParamLayer
         if base_kind(m) is None:
             raise _err(f"'{p}' is in the file but {'not in the model' if m is None else type(m).__name__}")
         check_layer(method, base_kind(m), m.weight.shape, p, m)
-        return base_kind(m), tuple(m.weight.shape), type(m).__name__
+        return base_kind(m), tuple(m.weight.shape), getattr(m, "_base_cls", type(m)).__name__
 
     out, meta, paths = from_peft(
-        cfg, tensors, layer_of, saved_paths(saved_names(cfg), modules), where, order=list(modules)
+        cfg, tensors, layer_of, saved_paths(saved_names(cfg), modules), where, order=list(modules), params=params
     )
     miss, extra = [p for p in targets if p not in paths], [p for p in paths if p not in targets]
     if miss or extra:
@@ -372,7 +391,7 @@ def write_peft(model: nn.Module, folder, name: str = "default", tokens: str | No
         tensors, layers = adapter_tensors(model, n)
         for p, d in layers.items():
             if d["method"] == st.specs[n].method:
-                check_layer(d["method"], d["kind"], d["shape"], p, model.get_submodule(p))
+                check_layer(d["method"], d["kind"], d["shape"], p, find(model, p))
         meta = {"adaptkit.spec": json.dumps(st.specs[n].to_dict()), "adaptkit.layers": json.dumps(layers)}
         done.append(to_peft(tensors, meta, mods))
     cfg, out = done[0] if tokens is None else tokens_form().join(*done[0], *done[1])

@@ -44,6 +44,7 @@ _COMMON = {
     "rank_pattern",
     "alpha_pattern",
     "modules_to_save",
+    "target_parameters",
 }
 _TASK_SAVED = {
     "SEQ_CLS": ["classifier", "score"],
@@ -122,6 +123,32 @@ def peft_targets(cfg: dict, modules: dict[str, nn.Module]) -> list[str]:
     return out
 
 
+def peft_param_targets(names: list[str], modules: dict[str, nn.Module]) -> dict[str, str]:
+    """PEFT's ``target_parameters`` on a model: {PEFT key path: parameter path}. A parameter
+    matches when its path equals an item or ends with ``.item``; PEFT nests one ParamWrapper
+    per parameter of a module, the first registered innermost, so that parameter's tensors
+    sit under ``<module>.base_layer.`` once per wrapper around it."""
+    out = {}
+    for mpath, m in modules.items():
+        if not mpath or base_kind(m) == "param":
+            continue
+        hits = [n for n in m._parameters if _in_list(names, f"{mpath}.{n}")]
+        for i, n in enumerate(hits):
+            out[mpath + ".base_layer" * (len(hits) - 1 - i)] = f"{mpath}.{n}"
+    return out
+
+
+def peft_param_key(path: str, layers: dict[str, dict]) -> str:
+    """The inverse for writing: the PEFT key path of adapted ``path`` (a parameter path goes
+    under its module, with ``.base_layer`` for each adapted parameter registered after it;
+    ``layers`` is in registration order, as inject adds them)."""
+    if layers[path].get("kind") != "param":
+        return path
+    owner = path.rpartition(".")[0]
+    sib = [q for q, d in layers.items() if d.get("kind") == "param" and q.rpartition(".")[0] == owner]
+    return owner + ".base_layer" * (len(sib) - 1 - sib.index(path))
+
+
 def saved_paths(names: list[str], candidates) -> list[str]:
     """modules_to_save: every path ending with an item (PEFT's raw ``key.endswith(item)``)."""
     hits = [p for p in candidates if p and p.endswith(tuple(names))]
@@ -183,6 +210,15 @@ class PeftForm:
     def check_layer(self, kind: str, shape, path: str, module: nn.Module | None = None) -> None:
         """Refuse a layer on which PEFT computes another update than adaptkit (given the
         module: also from its geometry)."""
+
+    def to_peft(self, kind: str, wshape, key: str, t):
+        """Tensor ``t`` of adaptkit parameter ``key`` in PEFT's layout (default: the reshape
+        :meth:`layout` declares)."""
+        return t.reshape(self.layout(kind, wshape, key, t.shape)[1])
+
+    def from_peft(self, kind: str, wshape, key: str, t, shape):
+        """The inverse of :meth:`to_peft`: PEFT tensor ``t`` as adaptkit's ``shape``."""
+        return t.reshape(shape)
 
     def infer_layer(self, tensors: dict, cfg: dict, path: str) -> tuple[str, tuple]:
         """(base kind, weight shape) of a PEFT-adapted path from its tensors (keys without
@@ -274,12 +310,14 @@ def peft_config(spec: AdapterSpec, layers: dict[str, dict], saved: list[str]) ->
     """The adapter_config.json selecting exactly ``layers`` (and ``saved``) with spec's values."""
     spec = write_form(spec).written(spec)
     form, paths = write_form(spec), list(layers)
+    params = [p for p in paths if layers[p].get("kind") == "param"]  # target_parameters
+    mods = [p for p in paths if p not in params]
     cfg = {
         "peft_type": form.peft_type,
         "task_type": None,
         "inference_mode": True,
         "r": spec.rank,
-        "target_modules": "|".join(map(re.escape, paths)),
+        "target_modules": "|".join(map(re.escape, mods)) if mods else [],
         "exclude_modules": None,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -287,4 +325,6 @@ def peft_config(spec: AdapterSpec, layers: dict[str, dict], saved: list[str]) ->
         "alpha_pattern": _pattern_keys(paths, {p: spec.alpha_for(p) for p in paths}, form.alpha0(spec)),
         "modules_to_save": saved or None,
     }
+    if params:  # listed whole: PEFT matches an item by equality or as a ".item" suffix
+        cfg["target_parameters"] = params
     return form.full_config(cfg, spec, layers)

@@ -67,7 +67,10 @@ class AdapterSpec:
                       alpha = rank, i.e. scale 1).
     targets:          regex or list of regexes, ``re.fullmatch``-ed against the paths of
                       ``model.named_modules()``; ``"all-linear"`` = every Linear-like module
-                      except the output head.
+                      except the output head; None or [] (with ``target_parameters``): none.
+    target_parameters: regexes ``re.fullmatch``-ed against parameter paths
+                      ``<module path>.<param name>``: 2-D / 3-D Parameters a module uses
+                      directly (MoE experts), adapted in place (adaptkit/param_base.py).
     exclude:          regexes of paths never adapted.
     rank_pattern, alpha_pattern: ``{regex: value}``; the first key that fullmatches a path
                       overrides rank / alpha there.
@@ -85,6 +88,7 @@ class AdapterSpec:
     rank: int = 8
     alpha: float | None = None
     targets: Pattern = "all-linear"
+    target_parameters: Pattern = None
     exclude: Pattern = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
@@ -100,9 +104,13 @@ class AdapterSpec:
         self._check_rank(name, "rank", self.rank)
         if self.alpha is not None:
             self._check_alpha(name, "alpha", self.alpha)
-        set_("targets", _as_tuple(name, "targets", self.targets))
-        if not self.targets:
-            raise AdaptkitError(f"{name}: targets is empty; give a regex such as r'.*\\.q_proj' or 'all-linear'")
+        set_("targets", _as_tuple(name, "targets", self.targets) or ())
+        set_("target_parameters", _as_tuple(name, "target_parameters", self.target_parameters) or None)
+        if not self.targets and not self.target_parameters:
+            raise AdaptkitError(
+                f"{name}: targets and target_parameters are both empty; give a regex such as "
+                f"targets=r'.*\\.q_proj' (or 'all-linear'), or target_parameters=r'.*\\.experts\\.down_proj'"
+            )
         set_("exclude", _as_tuple(name, "exclude", self.exclude))
         set_("layers_pattern", _as_tuple(name, "layers_pattern", self.layers_pattern))
         set_("modules_to_save", _as_tuple(name, "modules_to_save", self.modules_to_save))

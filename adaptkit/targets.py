@@ -89,10 +89,16 @@ def read_by_parent(model: nn.Module, path: str) -> bool:
 def select(model: nn.Module, spec) -> list[str]:
     """Paths of the modules ``spec`` adapts, in ``named_modules()`` order (no side effects).
 
-    Wrapped layers match by their original path, so a second adapter can join a layer."""
-    return select_paths(
-        model, spec.targets, spec.exclude, spec.layers_to_transform, spec.layers_pattern, type(spec).__name__
-    )
+    Wrapped layers match by their original path, so a second adapter can join a layer.
+    ``target_parameters`` adds parameter paths (adaptkit/param_base.py)."""
+    from .param_base import select_params
+
+    out = []
+    if spec.targets:
+        out = select_paths(
+            model, spec.targets, spec.exclude, spec.layers_to_transform, spec.layers_pattern, type(spec).__name__
+        )
+    return out + (select_params(model, spec) if spec.target_parameters else [])
 
 
 def select_paths(
@@ -108,7 +114,7 @@ def select_paths(
     head = output_head(model) if all_linear else None
     out = []
     for path, m in model.named_modules():
-        if not path or _inside_wrapper(path, model):
+        if not path or _inside_wrapper(path, model) or base_kind(m) == "param":
             continue
         if all_linear:
             if base_kind(m) not in ("linear", "conv1d_t") or path == head or read_by_parent(model, path):
@@ -138,8 +144,9 @@ def _no_match(model: nn.Module, cls: str, targets, exclude, layers, layers_patte
     modules those names would have meant and the regex that selects them, rather than the
     first few paths of the tree, which are containers."""
     owner = f"{cls}: targets={list(targets)} matched no module"
-    paths = [p for p, m in model.named_modules() if p and not _inside_wrapper(p, model)]
-    leaves = [p for p in paths if base_kind(model.get_submodule(p)) is not None]
+    mods = {p: m for p, m in model.named_modules() if p and not _inside_wrapper(p, model) and base_kind(m) != "param"}
+    paths = list(mods)
+    leaves = [p for p in paths if base_kind(mods[p]) is not None]
     if all_linear:
         return (
             f"{owner}: the model has no Linear-like module besides its output head; "
@@ -165,7 +172,7 @@ def _no_match(model: nn.Module, cls: str, targets, exclude, layers, layers_patte
             f"{owner}: the model has no adaptable module (Linear, Conv, Embedding, GPT-2 "
             f"Conv1D); some paths: [{_listed(paths, 8)}]"
         )
-    linear = [p.rsplit(".", 1)[-1] for p in leaves if base_kind(model.get_submodule(p)) in ("linear", "conv1d_t")]
+    linear = [p.rsplit(".", 1)[-1] for p in leaves if base_kind(mods[p]) in ("linear", "conv1d_t")]
     pick = list(dict.fromkeys(linear or names))[:2]
     example = pick[0] if len(pick) == 1 else f"({'|'.join(pick)})"
     return (
@@ -176,9 +183,11 @@ def _no_match(model: nn.Module, cls: str, targets, exclude, layers, layers_patte
 
 def _inside_wrapper(path: str, model: nn.Module) -> bool:
     """Paths below an AdaptedLayer (its adapter modules) are never targets."""
+    from .param_base import module_at  # a hosted parameter's path resolves to the Parameter in get_submodule
+
     parent = path.rsplit(".", 1)[0] if "." in path else ""
     while parent:
-        if isinstance(model.get_submodule(parent), AdaptedLayer):
+        if isinstance(module_at(model, parent), AdaptedLayer):
             return True
         parent = parent.rsplit(".", 1)[0] if "." in parent else ""
     return False

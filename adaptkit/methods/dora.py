@@ -70,12 +70,17 @@ class DoRA(LoRA):
     method = "dora"
 
     def supports(self, kind: str) -> bool:
-        return kind in ("linear", "conv1d_t", "conv")
+        return kind in ("linear", "conv1d_t", "conv", "param")
 
     def build(self, layer: AdaptedLayer, path: str) -> DoRAAdapter:
         r = self.rank_for(path)
         check_rank(type(self).__name__, r, layer, path)
         s = lora_scale(self.alpha_for(path), r, self.use_rslora)
+        if layer.kind == "param":  # target_parameters: magnitude per expert row (methods/lora_param.py)
+            from .lora_param import ParamDoRAAdapter, check_param_spec
+
+            check_param_spec(self, path)
+            return ParamDoRAAdapter(layer, r, s, self.init)
         return DoRAAdapter(layer, r, s, self.dropout, self.init)
 
 

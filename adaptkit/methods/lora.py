@@ -80,6 +80,11 @@ class LoRA(AdapterSpec):
                 f"Embedding '{path}'; exclude it or use init='default'"
             )
         s = lora_scale(self.alpha_for(path), r, self.use_rslora)
+        if layer.kind == "param":  # target_parameters: one adapter per expert (methods/lora_param.py)
+            from .lora_param import ParamLoRAAdapter, check_param_spec
+
+            check_param_spec(self, path)
+            return ParamLoRAAdapter(layer, r, s, self.init)
         return LoRAAdapter(layer, r, s, self.dropout, self.init)
 
 
@@ -249,6 +254,9 @@ class LoRAPeft(PeftForm):
         )
 
     def layout(self, kind: str, wshape, key: str, shape) -> tuple[str, tuple]:
+        if kind == "param" and len(shape) == 3:  # PEFT's ParamWrapper: A (E*r, in), B (out, r*E)
+            e, a, b = shape
+            return f"{key}.weight", (e * a, b) if key == "lora_A" else (a, b * e)
         ones = (1,) * (len(wshape) - 2) if kind == "conv" else ()
         if key == "lora_magnitude":
             return "lora_magnitude_vector", (1, *shape, *ones) if ones else tuple(shape)  # (1, out, 1..)
@@ -258,10 +266,25 @@ class LoRAPeft(PeftForm):
             return "lora_A.weight", (shape[0], *wshape[1:])  # (r, in*prod(k)) -> (r, in, *k)
         return f"{key}.weight", (*shape, *ones)  # conv B: (out, r) -> (out, r, 1, ..)
 
+    def to_peft(self, kind: str, wshape, key: str, t):
+        if kind == "param" and key == "lora_B" and t.dim() == 3:  # (E, out, r) -> (out, r*E), column k*E + e
+            return t.permute(1, 2, 0).reshape(t.shape[1], -1)
+        return super().to_peft(kind, wshape, key, t)
+
+    def from_peft(self, kind: str, wshape, key: str, t, shape):
+        if kind == "param" and key == "lora_B" and len(shape) == 3:  # (out, r*E) -> (E, out, r)
+            e, o, r = shape
+            return t.reshape(o, r, e).permute(2, 0, 1).contiguous()
+        return super().from_peft(kind, wshape, key, t, shape)
+
     def check_layer(self, kind: str, shape, path: str, module: nn.Module | None = None) -> None:
         """PEFT's A-conv keeps only stride and padding (ungrouped, undilated, zero-padded);
-        its embedding LoRA applies max_norm / embed_scale."""
+        its embedding LoRA applies max_norm / embed_scale; its ParamWrapper has no DoRA and
+        no transposed expert stacks."""
         m = module
+        if kind == "param" and (self.use_dora or getattr(getattr(m, "base", None), "transposed", False)):
+            what = "DoRA" if self.use_dora else "an is_transposed expert stack"
+            raise err(f"'{path}': PEFT's target_parameters (ParamWrapper) does not support {what}; exclude it")
         if (
             m is not None
             and kind == "conv"
