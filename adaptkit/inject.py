@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from .errors import AdaptkitError
-from .layer import adapted_layers, base_kind, weight_shape, wrap
+from .layer import AdaptedLayer, adapted_layers, base_kind, weight_shape, wrap
 from .param_base import ParamLayer, find, module_at
 from .spec import AdapterSpec
 from .targets import read_by_parent, saved_modules, select
@@ -106,8 +106,8 @@ def plan(
         kind = base_kind(m)
         if kind == "param" and not spec.supports(kind):
             errors.append(
-                f"{type(spec).__name__} cannot adapt '{path}' (a {m.weight.dim()}-D parameter of "
-                f"{m._base_cls.__name__}); narrow target_parameters (ak.LoRA and ak.DoRA adapt parameters)"
+                f"{type(spec).__name__} cannot adapt '{path}' (a {cast(AdaptedLayer, m).weight.dim()}-D parameter of "
+                f"{cast(AdaptedLayer, m)._base_cls.__name__}); narrow target_parameters (ak.LoRA and ak.DoRA adapt parameters)"
             )
             continue
         if kind is None or not spec.supports(kind):

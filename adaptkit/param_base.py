@@ -28,6 +28,8 @@ low-rank factors by two batched matmuls. That is the price of not owning the for
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 import torch.nn as nn
 
@@ -72,12 +74,12 @@ class ParamBase(Base):
     def forward(self, layer, x):
         return self.op(layer, x, None, None)
 
-    def unwrap(self, layer) -> None:
+    def unwrap(self, layer) -> None:  # type: ignore[override]  # nothing to put back
         """Take the layer out of its owner (the owner keeps its, possibly merged, Parameter);
         None: nothing is put back at the parameter path."""
         layer.release()
 
-    def unload(self, layer, requantize: bool = False) -> None:
+    def unload(self, layer, requantize: bool = False) -> None:  # type: ignore[override]
         return self.unwrap(layer)
 
     @classmethod
@@ -96,12 +98,14 @@ class ParamLayer(AdaptedLayer):
     owner's Parameter object itself; it is skipped in this layer's state dict (the owner
     saves it under its own key)."""
 
+    base: ParamBase
+
     def __init__(self, owner: nn.Module, name: str):
         nn.Module.__init__(self)
-        w = owner._parameters[name]
+        w = cast(nn.Parameter, owner._parameters[name])
         self._parameters["weight"] = w
         self.training = owner.training
-        self.adapters = nn.ModuleDict()
+        self.adapters = nn.ModuleDict()  # type: ignore[assignment]
         transposed = w.dim() == 3 and getattr(owner, "is_transposed", False) is True
         self.__dict__.update(
             bias=None,
@@ -120,12 +124,12 @@ class ParamLayer(AdaptedLayer):
 
     def present(self) -> torch.Tensor:
         """The weight the owner's forward sees: W and each active adapter's update."""
-        w = self._parameters["weight"]
+        w = cast(torch.Tensor, self._parameters["weight"])
         for a in self._active:
             w = a.update_weight(w, self)
         return w
 
-    def forward(self) -> torch.Tensor:
+    def forward(self) -> torch.Tensor:  # type: ignore[override]  # the owner calls present()
         return self.present()
 
     # ---- placement --------------------------------------------------------------------
@@ -148,7 +152,7 @@ class ParamLayer(AdaptedLayer):
         owner.__dict__["_ak_params"].remove(name)
         if not owner.__dict__["_ak_params"]:
             del owner.__dict__["_ak_params"]
-            owner.__class__ = type(owner)._ak_orig
+            owner.__class__ = cast(Any, type(owner))._ak_orig
 
     def extra_repr(self) -> str:
         return f"{self._base_cls.__name__}.{self.base.name}: {list(self.weight.shape)}"
@@ -173,7 +177,8 @@ def _host_forward(self, *args, **kwargs):
 
 
 def _rehost(cls: type) -> nn.Module:
-    return _hosted(cls).__new__(_hosted(cls))
+    host = _hosted(cls)
+    return host.__new__(host)
 
 
 def _reduce(self, protocol):
@@ -181,10 +186,10 @@ def _reduce(self, protocol):
     return _rehost, (type(self)._ak_orig,), self.__getstate__()
 
 
-_HOSTS: dict[type, type] = {}
+_HOSTS: dict[type, type[nn.Module]] = {}
 
 
-def _hosted(cls: type) -> type:
+def _hosted(cls: type) -> type[nn.Module]:
     if cls not in _HOSTS:
         _HOSTS[cls] = type(
             f"Hosted{cls.__name__}",
@@ -200,9 +205,10 @@ def module_at(model: nn.Module, path: str) -> nn.Module | None:
     parameter's name, which resolves to the Parameter), or None."""
     m = model
     for seg in path.split(".") if path else ():
-        m = m._modules.get(seg)
-        if m is None:
+        nxt = m._modules.get(seg)
+        if nxt is None:
             return None
+        m = nxt
     return m
 
 
@@ -211,7 +217,7 @@ def param_problem(model: nn.Module, path: str) -> str | None:
     mpath, _, name = path.rpartition(".")
     owner = module_at(model, mpath)
     w = None if owner is None else owner._parameters.get(name)
-    if w is None:
+    if owner is None or w is None:
         return f"no parameter at '{path}'"
     if isinstance(owner, AdaptedLayer) or base_kind(owner) is not None:
         return (
@@ -250,7 +256,7 @@ def select_params(model: nn.Module, spec) -> list[str]:
     ``layers_to_transform``), in ``named_modules()`` then registration order."""
     from .targets import layer_index, matches
 
-    pats, out, seen = spec.target_parameters, [], []
+    pats, out, seen = spec.target_parameters, [], cast(list[str], [])
     for mpath, m in model.named_modules():
         if any(mpath.startswith(q) for q in seen):
             continue

@@ -80,7 +80,7 @@ class DoRA(LoRA):
             from .lora_param import ParamDoRAAdapter, check_param_spec
 
             check_param_spec(self, path)
-            return ParamDoRAAdapter(layer, r, s, self.init)
+            return ParamDoRAAdapter(layer, r, s, self.init)  # type: ignore[return-value]  # same protocol
         return DoRAAdapter(layer, r, s, self.dropout, self.init)
 
 

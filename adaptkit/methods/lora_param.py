@@ -19,6 +19,7 @@ are not defined per expert here and are refused.
 from __future__ import annotations
 
 import math
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -29,11 +30,10 @@ from ..layer import AdaptedLayer, Adapter, tracing
 from .lora import LoRAAdapter
 
 # ops that read only metadata: answered from W, which has W''s shape, dtype, device, strides
-_META = {
+_META: set[Any] = {
     torch.Tensor.size, torch.Tensor.dim, torch.Tensor.stride, torch.Tensor.data_ptr, torch.Tensor.is_contiguous,
     torch.Tensor.is_floating_point, torch.Tensor.element_size, torch.Tensor.numel, torch.Tensor.storage_offset,
-    torch.Tensor.shape.__get__, torch.Tensor.dtype.__get__, torch.Tensor.device.__get__, torch.Tensor.ndim.__get__,
-    torch.Tensor.is_cuda.__get__, torch.Tensor.layout.__get__, torch.Tensor.requires_grad.__get__,
+    *(vars(torch._C.TensorBase)[k].__get__ for k in ("shape", "dtype", "device", "ndim", "is_cuda", "layout", "requires_grad")),
 }  # fmt: skip
 _GROUPED = ("_grouped_mm", "grouped_mm", "grouped_mm_fallback")
 
@@ -50,6 +50,12 @@ class LowRankWeight(torch.Tensor):
     frozen base's. Any other op gets the dense ``W + s B A`` (one baddbmm), so results never
     depend on which ops are recognised. ``t``: the tensor is the transpose of the last two
     dims (it holds ``W^T + s A^T B^T``)."""
+
+    _w: torch.Tensor
+    _B: torch.Tensor
+    _A: torch.Tensor
+    _s: float
+    _t: bool
 
     @staticmethod
     def __new__(cls, w, B, A, s, t):
@@ -155,10 +161,13 @@ class ParamLoRAAdapter(LoRAAdapter):
     def update(self, x, y, layer):
         raise AdaptkitError("a parameter adapter has no per-input update; its module's forward uses update_weight")
 
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        p = self._parameters  # not Module attribute lookup: this runs on every forward
+        return cast(torch.Tensor, p["lora_A"]), cast(torch.Tensor, p["lora_B"])
+
     def _fold(self, w: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
         """w + s B A on the (*lead, out, in) view, in one (batched) GEMM, in w's dtype."""
-        p = self._parameters
-        A, B = p["lora_A"], p["lora_B"]
+        A, B = self._factors()
         if A.dtype != w.dtype:
             A, B = A.to(w.dtype), B.to(w.dtype)
         v = layer.base.to_2d(w)  # (*lead, out, in), a view
@@ -168,11 +177,10 @@ class ParamLoRAAdapter(LoRAAdapter):
     def update_weight(self, w: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
         if tracing() or w is not layer.weight:  # compiled, or after another adapter: dense
             return self._fold(w, layer)
-        p = self._parameters
-        A, B = p["lora_A"], p["lora_B"]
+        A, B = self._factors()
         if A.dtype != w.dtype:
             A, B = A.to(w.dtype), B.to(w.dtype)
-        return LowRankWeight(w, B, A, self.scale, layer.base.transposed)
+        return LowRankWeight(w, B, A, self.scale, cast(Any, layer.base).transposed)  # a ParamBase
 
 
 class ParamDoRAAdapter(ParamLoRAAdapter):
