@@ -14,12 +14,13 @@ from . import (
 )
 from .combine import combine
 from .errors import AdaptkitError
-from .inject import delete, disabled, inject, set_active, summary
+from .inject import delete, disabled, inject, set_active
 from .io import load, save
 from .lora_convert import to_lora  # any adapter -> a plain LoRA (truncated SVD)
 from .merge import merge
 from .methods import DoRA, GeoLoRA, GeoLoRAOptimizer, LoKr, LoRA, LoRAMPO, MoRA, MoRALinear, QLoRA, TrainableTokens
 from .optim import param_groups  # LoRA+ learning-rate groups
+from .summary import summary
 from .swap import swap  # new weights into an existing adapter slot (no recompile)
 
 __all__ = [
