@@ -18,6 +18,9 @@ input is indices), as in PEFT.
 Inits: "default" (A kaiming-uniform a=sqrt(5), B = 0; Embedding A = 0, B ~ N(0, 1), as
 PEFT), "gaussian" (A ~ N(0, 1/r), B = 0), "pissa" (top-r SVD of W), "olora" (QR of W).
 The residual inits subtract s * B A from W when attached, so the output is unchanged.
+
+Training on a Linear / NF4 Linear: base and update run as one fused autograd node when
+LoRA is first in the active set (methods/lora_fused.py; docs/ARCHITECTURE.md, "Fused LoRA").
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ NF4 base (QLoRA): the forward dequantises W straight into the first ``out`` rows
 fresh (out + r, in) tile whose last r rows are A, so one GEMM gives [x W^T + b | x A^T]
 (the tile is the dense W the plain path dequantises anyway; only A's r rows are added).
 Backward dequantises W again, as the plain NF4 path does (no dense copy kept for backward).
+A float W gets no tile: copying W into one each step cost more than the skinny x A^T GEMM
+it saves (measured on the Llama-shaped layers of benchmarks/bench_model.py).
 
 Numerics: the same products as the plain path, summed in the GEMMs' own order; the results
 agree to fp32 (bf16) rounding. Not used (the plain path runs) under torch.compile, autocast,
@@ -32,8 +34,6 @@ import torch
 import torch.nn.functional as F
 
 from ..nf4 import _alloc
-
-TILE = [True]
 
 
 def autocast_on(device_type: str) -> bool:
@@ -55,15 +55,13 @@ def _nf4_tile(layer, A: torch.Tensor) -> torch.Tensor:
 def _forward(x: torch.Tensor, w, bias, A: torch.Tensor, B: torch.Tensor, scale: float, layer):
     """(y (..., out), h (N, r)): the forward above without autograd. ``w`` None: NF4 ``layer``."""
     r = A.shape[0]
-    if w is None and not TILE[0]:
-        w = layer.dequantize(A.dtype)
-    if w is not None:
+    if w is not None:  # a float W: a tile would copy W; the skinny x A^T GEMM is cheaper
         y = F.linear(x, w, bias)  # (..., out), fresh and contiguous
         y2 = y.view(-1, y.shape[-1])  # (..., out) -> (N, out)
         h = F.linear(x.reshape(-1, x.shape[-1]), A)  # (..., in) -> (N, in) @ A^T -> (N, r)
         y2.addmm_(h, B.t(), alpha=scale)
         return y, h
-    tile = _nf4_tile(layer, A)  # (out + r, in)
+    tile = _nf4_tile(layer, A)  # (out + r, in): the dense W the NF4 op makes anyway, plus A
     if bias is not None:  # A's rows stay bias-free
         bias = torch.cat([bias, bias.new_zeros(r)])  # (out + r,)
     o = F.linear(x.reshape(-1, x.shape[-1]), tile, bias)  # (N, in) -> (N, out + r)
