@@ -19,6 +19,8 @@ NF4 base (QLoRA): the forward dequantises W straight into the first ``out`` rows
 fresh (out + r, in) tile whose last r rows are A, so one GEMM gives [x W^T + b | x A^T]
 (the tile is the dense W the plain path dequantises anyway; only A's r rows are added).
 Backward dequantises W again, as the plain NF4 path does (no dense copy kept for backward).
+The tile is for fp32 compute; bf16 / fp16 GEMMs on its (out + r)-row, strided result measured
+slower on CPU, so there W is dequantised alone and the float-W path below runs.
 A float W gets no tile: copying W into one each step cost more than the skinny x A^T GEMM
 it saves (measured on the Llama-shaped layers of benchmarks/bench_model.py).
 
@@ -55,6 +57,8 @@ def _nf4_tile(layer, A: torch.Tensor) -> torch.Tensor:
 def _forward(x: torch.Tensor, w, bias, A: torch.Tensor, B: torch.Tensor, scale: float, layer):
     """(y (..., out), h (N, r)): the forward above without autograd. ``w`` None: NF4 ``layer``."""
     r = A.shape[0]
+    if w is None and A.dtype != torch.float32:  # half-precision GEMMs of the tile measured slower
+        w = layer.dequantize(A.dtype)  # (out, in)
     if w is not None:  # a float W: a tile would copy W; the skinny x A^T GEMM is cheaper
         y = F.linear(x, w, bias)  # (..., out), fresh and contiguous
         y2 = y.view(-1, y.shape[-1])  # (..., out) -> (N, out)
