@@ -218,10 +218,10 @@ def test_qlora_equals_lora_on_dequantised_dense(dora, double_quant):
     grads = {n: p.grad for n, p in q.named_parameters() if p.requires_grad}
     grads2 = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
     assert grads and grads.keys() == grads2.keys()
-    for n in grads:
-        torch.testing.assert_close(grads[n], grads2[n], rtol=1e-5, atol=1e-7, msg=n)
+    for n in grads:  # O(1) gradients; the orders differ by a few fp32 ulps of their largest entry
+        torch.testing.assert_close(grads[n], grads2[n], rtol=1e-5, atol=1e-6, msg=n)
     # input gradient through the NF4 bases (custom autograd) equals the dense one
-    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_qlora_bf16_compute_adapters_and_train_step():
