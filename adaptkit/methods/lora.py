@@ -97,6 +97,9 @@ class LoRAAdapter(Adapter):
         self.lora_A = nn.Parameter(torch.empty(rank, layer.in_features, **kw))
         self.lora_B = nn.Parameter(torch.empty(layer.out_features, rank, **kw))
         self.reset(layer)
+        # an instance attribute from the start: torch.compile guards on where it lives, so an
+        # eager call setting it later would force a recompile
+        self.__dict__["_fused"] = None
         # grouped conv cannot factor into an A-conv and a 1x1 B-conv
         self.dense_conv = layer.kind == "conv" and layer.groups != 1
 
