@@ -209,12 +209,15 @@ def decode_blocks(
     return out
 
 
-def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_nf4(
+    packed: torch.Tensor, state: NF4State, dtype: torch.dtype | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Inverse of :func:`quantize_nf4`: ``NF4_CODE[nibble] · absmax`` in fp32, then one cast.
 
     ``packed``: uint8 with ``ceil(n/2)`` elements (any shape, e.g. bnb's ``[ceil(n/2), 1]``).
     Returns a tensor of ``state.shape`` in ``dtype`` (default ``state.dtype``), bit-identical
-    to ``bitsandbytes.functional.dequantize_4bit`` for the same state.
+    to ``bitsandbytes.functional.dequantize_4bit`` for the same state; written into ``out``
+    (contiguous, ``n`` elements of ``dtype``, e.g. rows of a larger tile) when given.
     """
     dtype = state.dtype if dtype is None else dtype
     if dtype not in _FLOAT_DTYPES:
@@ -230,7 +233,12 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | N
     pb = packed.reshape(-1)  # [ceil(n/2)]
     absmax = state.block_absmax().to(dev)  # [nblocks] fp32
     pairs = _pair_table(dev)
-    out = _alloc(n, dtype, dev)  # [n]
+    if out is not None and (not out.is_contiguous() or out.numel() != n or out.dtype != dtype):
+        raise AdaptkitError(
+            f"NF4: out= must be a contiguous {dtype} tensor of {n} elements, got {out.dtype}{list(out.shape)}"
+        )
+    res = out
+    out = _alloc(n, dtype, dev) if out is None else out.view(-1)  # [n]
     nfull = n // bs
     per = max(1, _CHUNK // bs)
     c = min(per, nfull) * bs
@@ -252,7 +260,7 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | N
         # [ceil(r/2)] int64 -> [2·ceil(r/2)] fp32 codes -> the first r
         tail = pairs[pb[nfull * bs // 2 :].long()].view(torch.float32)[: n - nfull * bs]
         out[nfull * bs :] = tail * absmax[-1]
-    return out.view(state.shape)  # [n] -> original shape
+    return out.view(state.shape) if res is None else res  # [n] -> original shape
 
 
 # The model-level NF4 API (adaptkit.nf4.NF4Linear / quantize / save / load / drift_report)

@@ -185,9 +185,10 @@ class NF4Linear(nn.Linear):
             nested_blocksize=self.nested_blocksize,
         )
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense (out, in) weight in ``dtype`` (default: the compute dtype)."""
-        return dequantize_nf4(self.weight, self.state(), dtype or self.compute_dtype)
+    def dequantize(self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The dense (out, in) weight in ``dtype`` (default: the compute dtype); written into
+        ``out`` (contiguous (out, in), e.g. rows of a larger tile) when given."""
+        return dequantize_nf4(self.weight, self.state(), dtype or self.compute_dtype, out=out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nf4_forward(self, x, self.bias)

@@ -18,6 +18,9 @@ input is indices), as in PEFT.
 Inits: "default" (A kaiming-uniform a=sqrt(5), B = 0; Embedding A = 0, B ~ N(0, 1), as
 PEFT), "gaussian" (A ~ N(0, 1/r), B = 0), "pissa" (top-r SVD of W), "olora" (QR of W).
 The residual inits subtract s * B A from W when attached, so the output is unchanged.
+
+Training on a Linear / NF4 Linear: base and update run as one fused autograd node when
+LoRA is first in the active set (methods/lora_fused.py; docs/ARCHITECTURE.md, "Fused LoRA").
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import AdaptkitError
-from ..layer import AdaptedLayer, Adapter
+from ..layer import AdaptedLayer, Adapter, tracing
 from ..peft_config import PeftForm, err
 from ..spec import AdapterSpec, register_method
+from .lora_fused import autocast_on, lora_linear
 
 INITS = ("default", "gaussian", "pissa", "olora")
 
@@ -98,6 +102,9 @@ class LoRAAdapter(Adapter):
         self.lora_A = nn.Parameter(torch.empty(rank, layer.in_features, **kw))
         self.lora_B = nn.Parameter(torch.empty(layer.out_features, rank, **kw))
         self.reset(layer)
+        # an instance attribute from the start: torch.compile guards on where it lives, so an
+        # eager call setting it later would force a recompile
+        self.__dict__["_fused"] = None
         # grouped conv cannot factor into an A-conv and a 1x1 B-conv
         self.dense_conv = layer.kind == "conv" and layer.groups != 1
 
@@ -134,7 +141,48 @@ class LoRAAdapter(Adapter):
         d = self.scale * (self.lora_B.float() @ self.lora_A.float())  # (out, in_flat)
         return layer.from_2d(d)
 
+    # first in the active set of a Linear / NF4 Linear: base and update in one fused node
+    # (methods/lora_fused.py); ``_fused`` is that call's output, which ``update`` passes on
+    fuses_base = True
+    _fused: torch.Tensor | None = None
+
+    def base_forward(self, x: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
+        p, lp = self._parameters, layer._parameters
+        A, B, w = p["lora_A"], p["lora_B"], lp.get("weight")
+        if layer.kind != "linear" or (self.p and self.training) or x.dtype != A.dtype or B.dtype != A.dtype:
+            return layer.base.forward(layer, x)
+        if w is None:  # NF4: the packed bytes are a buffer; fused only where W is dequantised whole
+            if not self._nf4_fusable(x, layer):
+                return layer.base.forward(layer, x)
+        elif w.requires_grad or w.dtype != x.dtype:
+            return layer.base.forward(layer, x)
+        if tracing() or autocast_on(x.device.type):
+            return layer.base.forward(layer, x)
+        y = lora_linear(x, w, lp.get("bias"), A, B, self.scale, layer)
+        self.__dict__["_fused"] = y
+        return y
+
+    @staticmethod
+    def _nf4_fusable(x: torch.Tensor, layer: AdaptedLayer) -> bool:
+        from .. import nf4_matmul  # the NF4 kernels load with the NF4 base
+
+        buf = layer._buffers
+        packed = buf.get("weight")
+        if packed is None or packed.is_floating_point() or buf.get("merged_weight") is not None:
+            return False
+        if getattr(layer, "compute_dtype", None) != x.dtype or not hasattr(layer, "dequantize"):
+            return False
+        b = layer._parameters.get("bias")
+        if b is not None and b.dtype != x.dtype:
+            return False
+        # the plain NF4 op keeps W out of memory (row chunks) where that is faster: leave it
+        return nf4_matmul._layout(packed, layer.state(), x.numel() // x.shape[-1]) is None
+
     def update(self, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
+        if self._fused is not None:
+            fused, self.__dict__["_fused"] = self._fused, None
+            if fused is y:  # base_forward computed W x + b + s B A x already
+                return y
         # _parameters directly: nn.Module.__getattr__ costs ~0.5 us a lookup, paid on every
         # adapted layer of every call (the per-layer overhead budget is 10 us)
         p = self._parameters

@@ -209,20 +209,19 @@ def test_qlora_equals_lora_on_dequantised_dense(dora, double_quant):
     x = torch.randn(6, 37, requires_grad=True)
     x2 = x.detach().clone().requires_grad_()
     y, y2 = q(x), ref(x2)
-    if dora:  # the dense DoRA fuses W A^T into its base GEMM ([x; A] W^T): same math, other order
-        torch.testing.assert_close(y, y2, rtol=1e-6, atol=1e-7)
-    else:
-        assert torch.equal(y, y2)
+    # same math, other order: the dense DoRA fuses W A^T into its base GEMM ([x; A] W^T); QLoRA
+    # pushes A's rows through the GEMM of its dequantised tile ([W; A], adaptkit/methods/lora_fused.py)
+    torch.testing.assert_close(y, y2, rtol=1e-6, atol=1e-7)
     g = torch.randn_like(y)
     y.backward(g)
     y2.backward(g)
     grads = {n: p.grad for n, p in q.named_parameters() if p.requires_grad}
     grads2 = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
     assert grads and grads.keys() == grads2.keys()
-    for n in grads:
-        torch.testing.assert_close(grads[n], grads2[n], rtol=1e-5, atol=1e-7, msg=n)
+    for n in grads:  # O(1) gradients; the orders differ by a few fp32 ulps of their largest entry
+        torch.testing.assert_close(grads[n], grads2[n], rtol=1e-5, atol=1e-6, msg=n)
     # input gradient through the NF4 bases (custom autograd) equals the dense one
-    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_qlora_bf16_compute_adapters_and_train_step():
