@@ -147,7 +147,8 @@ class LoRAAdapter(Adapter):
     _fused: torch.Tensor | None = None
 
     def base_forward(self, x: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
-        p, lp = self._parameters, layer._parameters
+        p: dict[str, torch.Tensor] = self._parameters  # type: ignore[assignment]  # both set in __init__
+        lp = layer._parameters
         A, B, w = p["lora_A"], p["lora_B"], lp.get("weight")
         if layer.kind != "linear" or (self.p and self.training) or x.dtype != A.dtype or B.dtype != A.dtype:
             return layer.base.forward(layer, x)
@@ -185,10 +186,10 @@ class LoRAAdapter(Adapter):
                 return y
         # _parameters directly: nn.Module.__getattr__ costs ~0.5 us a lookup, paid on every
         # adapted layer of every call (the per-layer overhead budget is 10 us)
-        p = self._parameters
+        p: dict[str, torch.Tensor] = self._parameters  # type: ignore[assignment]  # both set in __init__
         A, B, kind = p["lora_A"], p["lora_B"], layer.kind
         if kind == "embedding":
-            h = F.embedding(x, A.t(), layer.padding_idx)  # (..., r)
+            h = F.embedding(x, A.t(), layer.padding_idx)  # type: ignore[arg-type]  # (..., r)
             return y + (self.scale * (h @ B.t())).to(y.dtype)
         if self.p and self.training:
             x = F.dropout(x, self.p, True)
@@ -215,8 +216,8 @@ class LoRAAdapter(Adapter):
         geometry, then B as a 1x1 conv; a grouped conv runs the dense delta instead."""
         A, B, w = self.lora_A, self.lora_B, layer.weight
         if self.dense_conv:
-            return layer._conv_forward(x, self.delta_weight(layer).to(A.dtype), None)
-        h = layer._conv_forward(x, A.view(self.rank, *w.shape[1:]), None)  # (N, r, *spatial)
+            return layer._conv_forward(x, self.delta_weight(layer).to(A.dtype), None)  # type: ignore[operator]
+        h = layer._conv_forward(x, A.view(self.rank, *w.shape[1:]), None)  # type: ignore[operator]  # (N, r, *spatial)
         nd = w.dim() - 2
         conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
         return conv(h, (self.scale * B).view(*B.shape, *[1] * nd))  # B as (out, r, 1..)
@@ -329,7 +330,7 @@ class LoRAPeft(PeftForm):
         """PEFT's A-conv keeps only stride and padding (ungrouped, undilated, zero-padded);
         its embedding LoRA applies max_norm / embed_scale; its ParamWrapper has no DoRA and
         no transposed expert stacks."""
-        m = module
+        m: Any = module  # a Conv / Embedding / parameter layer, by kind
         if kind == "param" and (self.use_dora or getattr(getattr(m, "base", None), "transposed", False)):
             what = "DoRA" if self.use_dora else "an is_transposed expert stack"
             raise err(f"'{path}': PEFT's target_parameters (ParamWrapper) does not support {what}; exclude it")
