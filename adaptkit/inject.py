@@ -361,7 +361,7 @@ class Summary:
 
 def summary(model: nn.Module) -> Summary:
     """Trainable / total parameters, per adapter and per layer. A quantised (NF4) weight is
-    a buffer of packed bytes; it counts as its out x in parameters, as in the float model."""
+    packed bytes; it counts as its out x in parameters, as in the float model."""
     check_model(model, "summary")
     st = state(model)
     per_layer = []
@@ -382,12 +382,15 @@ def summary(model: nn.Module) -> Summary:
             per_adapter[n]["merged_layers"] += bool(a.merged)
     for d in per_adapter.values():
         d["merged"] = d["layers"] > 0 and d["merged_layers"] == d["layers"]
-    params = list(model.parameters())
-    packed = sum(
-        m.out_features * m.in_features
+    quant = [
+        m
         for m in model.modules()
         if isinstance(getattr(m, "weight", None), torch.Tensor) and not m.weight.is_floating_point()
-    )
+    ]
+    # their packed bytes and scales are frozen Parameters (so FSDP2 shards them): not counted
+    skip = {id(p) for m in quant for k, p in m.named_parameters(recurse=False) if k != "bias"}
+    params = [p for p in model.parameters() if id(p) not in skip]
+    packed = sum(m.out_features * m.in_features for m in quant)
     return Summary(
         sum(p.numel() for p in params if p.requires_grad),
         sum(p.numel() for p in params) + packed,

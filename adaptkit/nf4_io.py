@@ -29,7 +29,7 @@ from .spec import _as_tuple
 from .targets import select_paths
 
 FORMAT = "1"
-_OWN = ("weight", "absmax", "nested_absmax", "offset")  # an NF4 layer's own buffer names
+_OWN = ("weight", "absmax", "nested_absmax", "offset")  # an NF4 layer's own tensor names
 
 
 def _no_adapters(model: nn.Module, what: str) -> None:
@@ -182,11 +182,8 @@ def load(model: nn.Module, path: str | os.PathLike) -> list[str]:
             compute_dtype=DTYPES[d["compute_dtype"]],
             device="meta",
         )
-        q.weight, q.absmax = packed.to(dev), st.absmax.to(dev)
-        q.nested_absmax = None if st.nested_absmax is None else st.nested_absmax.to(dev)
-        q.offset = None if st.offset is None else st.offset.to(dev)
         q.register_parameter("bias", m.bias)  # the model's Parameter, loaded below
-        built[p] = q.train(m.training)
+        built[p] = q.set_packed(packed, st).to(dev).train(m.training)
     # every other tensor: exactly the model's remaining state-dict keys, with their shapes
     own = {_key(p, k) for p in layers for k in _OWN}
     model_sd = {k: v for k, v in model.state_dict().items() if k not in own}
