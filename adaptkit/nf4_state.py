@@ -59,6 +59,9 @@ class QuantParam(nn.Parameter):
     def requires_grad_(self, requires_grad: bool = True) -> QuantParam:
         return self
 
+    def __reduce_ex__(self, protocol):  # nn.Parameter's would unpickle a plain Parameter
+        return QuantParam, (self.data,)
+
 
 @dataclass
 class NF4State:

@@ -6,17 +6,22 @@ gathers them for each forward / backward.
 Checked: each rank holds about half of the base's NF4 bytes (printed with ``-s``); AdamW on
 a batch split across the ranks gives every rank the adapters single-process training on the
 full batch gives (1e-5); gathering the sharded state gives back the single-process NF4 bytes
-exactly; ``ak.save`` called on every rank makes rank 0 alone write the adapter file, which
-loads into a fresh single-process QLoRA model with equal outputs. One spawn runs QLoRA with
-double quantisation and QDoRA without it (uint8 / fp32 absmax; fp32 bias and adapters in
-the same FSDP group). A deadline kills the workers so a hang fails instead of blocking CI."""
+exactly; ``ak.save`` and ``ak.nf4.save`` called on every rank make rank 0 alone write (the
+adapter file; the NF4 base file, equal to the single-process one), and the files load into
+a fresh single-process model with equal outputs. One spawn runs QLoRA with double
+quantisation and QDoRA without it (uint8 / fp32 absmax; fp32 bias and adapters in the same
+FSDP group), then a bf16 ``MixedPrecisionPolicy`` forward / backward (the uint8 state is not
+cast). A deadline kills the workers so a hang fails instead of blocking CI."""
+import copy
 import datetime
 import os
+import pickle
 import time
 
 import pytest
 import torch
 import torch.nn as nn
+from safetensors import safe_open
 
 import adaptkit as ak
 from adaptkit.nf4_linear import NF4Linear
@@ -84,7 +89,7 @@ def _worker(rank, store, out):
                             timeout=datetime.timedelta(seconds=60))
     try:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         X, Y = _data()
         x, y = X.chunk(WORLD)[rank], Y.chunk(WORLD)[rank]  # (4, 16), (4, 9) per rank
@@ -102,8 +107,20 @@ def _worker(rank, store, out):
                    for k, v in net.state_dict().items() if k.rpartition(".")[2] in NF4_KEYS}
             path = os.path.join(out, f"{name}.safetensors")
             ak.save(net, path if rank == 0 else f"{path}.rank{rank}")  # every rank; rank 0 writes
+            base = os.path.join(out, f"{name}_base.safetensors")
+            ak.nf4.save(net, base if rank == 0 else f"{base}.rank{rank}")  # likewise
             torch.save({"state": state, "nf4": nf4, "held": held}, os.path.join(out, f"{name}_rank{rank}.pt"))
             dist.barrier()
+        # bf16 mixed precision casts floating Parameters only: the uint8 bytes and absmax
+        # codes are gathered as they are (cast to bf16, the layer would take them for a
+        # dense weight and fail), the adapters and the activations run in bf16
+        net = _model("qlora")
+        mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for m in (net[0], net[2], net):
+            fully_shard(m, mesh=mesh, mp_policy=mp_policy)
+        y_mp = net(x)
+        y_mp.float().pow(2).mean().backward()
+        torch.save(y_mp.detach(), os.path.join(out, f"mp_rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -117,6 +134,11 @@ def _launch(tmp_path):
             for p in ctx.processes:
                 p.kill()
             pytest.fail(f"FSDP2 workers still running after {DEADLINE_S} s (hang?)")
+
+
+def _read(path):
+    with safe_open(path, framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
 
 
 def test_fsdp2_shards_the_nf4_base_and_trains_like_one_process(tmp_path):
@@ -153,10 +175,25 @@ def test_fsdp2_shards_the_nf4_base_and_trains_like_one_process(tmp_path):
                 torch.testing.assert_close(r["state"][n], want[n], rtol=1e-5, atol=1e-5, msg=f"{name} {n}")
                 worst = max(worst, (r["state"][n] - want[n]).abs().max().item())
         print(f"{name}: max |adapter FSDP2 - one process| = {worst:.2e}")
-        assert not list(tmp_path.glob(f"{name}.safetensors.rank*"))  # rank 0 alone wrote
+        assert not list(tmp_path.glob(f"{name}*.rank*"))  # rank 0 alone wrote
+        ak.nf4.save(ref, tmp_path / "single_base.safetensors")
+        got, want_base = _read(tmp_path / f"{name}_base.safetensors"), _read(tmp_path / "single_base.safetensors")
+        assert got[1] == want_base[1] and got[0].keys() == want_base[0].keys()
+        for k, v in want_base[0].items():  # the gathered NF4 file is the single-process one
+            assert got[0][k].dtype == v.dtype and torch.equal(got[0][k], v), (name, k)
         fresh = _base()  # the float model: ak.load quantises it as inject did
         ak.load(fresh, tmp_path / f"{name}.safetensors")
         torch.testing.assert_close(fresh(X), ref(X), rtol=1e-5, atol=1e-5)
+        fresh = _base()  # the NF4 base from the sharded model's file, then the adapter
+        ak.nf4.load(fresh, tmp_path / f"{name}_base.safetensors")
+        ak.load(fresh, tmp_path / f"{name}.safetensors")
+        torch.testing.assert_close(fresh(X), ref(X), rtol=1e-5, atol=1e-5)
+
+
+    for r in range(WORLD):  # the bf16 run: its rank's rows of the fp32 single-process output
+        y_mp = torch.load(tmp_path / f"mp_rank{r}.pt")
+        assert y_mp.dtype == torch.bfloat16
+        torch.testing.assert_close(y_mp.float(), _model("qlora")(X.chunk(WORLD)[r]), rtol=3e-2, atol=3e-2)
 
 
 def test_nf4_state_is_frozen_parameters():
@@ -170,6 +207,9 @@ def test_nf4_state_is_frozen_parameters():
     assert dict(net.named_buffers()).keys() == {"0.nested_absmax", "0.offset", "2.nested_absmax", "2.offset"}
     net.requires_grad_(True)
     assert not q.weight.requires_grad and not q.absmax.requires_grad and q.bias.requires_grad
+    for twin in (copy.deepcopy(net), pickle.loads(pickle.dumps(net))):  # stays a QuantParam
+        assert isinstance(twin[0].weight, QuantParam) and torch.equal(twin[0].weight, q.weight)
+        assert isinstance(twin[2].absmax, QuantParam) and not twin[2].absmax.requires_grad
     x = torch.randn(3, 16)
     dense = nn.functional.linear(x, q.dequantize(torch.float32), q.bias)
     with ak.disabled(net):
