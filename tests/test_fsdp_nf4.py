@@ -72,10 +72,10 @@ def _local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _nf4_bytes(net, local=_local):
+def _nf4_bytes(net):
     """Bytes of NF4 base state (packed weight, absmax, nested absmax, offset) held here."""
     return sum(
-        local(t).numel() * t.element_size()
+        _local(t).numel() * t.element_size()
         for m in net.modules()
         if isinstance(m, NF4Linear)
         for k in NF4_KEYS
