@@ -13,6 +13,7 @@ the model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -21,7 +22,7 @@ import torch.nn as nn
 
 from .errors import AdaptkitError
 from .inject import check_model, state
-from .io import json_object, key_problems, read_safetensors, write_safetensors
+from .io import _full, _is_sharded, json_object, key_problems, read_safetensors, write_safetensors
 from .layer import adapted_layers, base_kind
 from .nf4 import NF4State
 from .nf4_linear import DTYPE_NAMES, DTYPES, NF4Linear, check_settings
@@ -29,7 +30,7 @@ from .spec import _as_tuple
 from .targets import select_paths
 
 FORMAT = "1"
-_OWN = ("weight", "absmax", "nested_absmax", "offset")  # an NF4 layer's own buffer names
+_OWN = ("weight", "absmax", "nested_absmax", "offset")  # an NF4 layer's own tensor names
 
 
 def _no_adapters(model: nn.Module, what: str) -> None:
@@ -87,7 +88,8 @@ def _key(path: str, leaf: str) -> str:
 
 def save(model: nn.Module, path: str | os.PathLike) -> None:
     """Write the model's weights with its NF4 layers packed (module docstring), atomically.
-    Adapters are not included (``ak.save`` writes those)."""
+    Adapters are not included (``ak.save`` writes those). Under FSDP2 call it on every rank:
+    the shards are gathered (collectives) and rank 0 writes the single-process file."""
     check_model(model, "adaptkit.nf4.save")
     nf4 = _nf4_modules(model)
     if not nf4:
@@ -107,11 +109,14 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
         mod, _, leaf = k.rpartition(".")
         if (skip and k.startswith(skip)) or (mod in nf4 and leaf in _OWN):
             continue
-        tensors[k] = t
+        tensors[k] = _full(t)
     for p, m in nf4.items():
-        tensors[_key(p, "weight")] = m.weight.view(-1, 1)  # bitsandbytes: [ceil(n/2), 1]
-        tensors.update(m.state().to_tensors(prefix=_key(p, "weight")))
+        tensors[_key(p, "weight")] = _full(m.weight).view(-1, 1)  # bitsandbytes: [ceil(n/2), 1]
+        st = dataclasses.replace(m.state(), absmax=_full(m.absmax))
+        tensors.update(st.to_tensors(prefix=_key(p, "weight")))
         layers[p] = {"compute_dtype": DTYPE_NAMES[m.compute_dtype]}
+    if any(_is_sharded(t) for t in model.parameters()) and torch.distributed.get_rank() != 0:
+        return  # FSDP2: every rank took part in the gathers above; rank 0 alone writes
     from . import __version__
 
     meta = {"adaptkit.nf4.format": FORMAT, "adaptkit.version": __version__, "adaptkit.nf4.layers": json.dumps(layers)}
@@ -182,11 +187,8 @@ def load(model: nn.Module, path: str | os.PathLike) -> list[str]:
             compute_dtype=DTYPES[d["compute_dtype"]],
             device="meta",
         )
-        q.weight, q.absmax = packed.to(dev), st.absmax.to(dev)
-        q.nested_absmax = None if st.nested_absmax is None else st.nested_absmax.to(dev)
-        q.offset = None if st.offset is None else st.offset.to(dev)
         q.register_parameter("bias", m.bias)  # the model's Parameter, loaded below
-        built[p] = q.train(m.training)
+        built[p] = q.set_packed(packed, st).to(dev).train(m.training)
     # every other tensor: exactly the model's remaining state-dict keys, with their shapes
     own = {_key(p, k) for p in layers for k in _OWN}
     model_sd = {k: v for k, v in model.state_dict().items() if k not in own}

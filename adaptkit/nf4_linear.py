@@ -5,7 +5,8 @@ and its :class:`NF4Base`, the base kind through which adapters see it.
     y = deq(W_nf4) x + b + s B A drop(x)           QDoRA: y = g ⊙ (deq(W_nf4) x + s B A x) + b
 
 The base W (out, in) is held in NF4 (:mod:`adaptkit.nf4`, bit-identical to bitsandbytes) by
-:class:`NF4Linear`, whose buffers are
+:class:`NF4Linear` as frozen Parameters (``weight``, ``absmax``: FSDP2 shards and gathers
+them; docs/ARCHITECTURE.md, "Sharded NF4") and two buffers:
 
     weight         uint8 [ceil(out*in/2)]    two 4-bit codes per byte, first in the high nibble
     absmax         fp32 [nb], nb = ceil(out*in/blocksize); with double quantisation uint8 codes
@@ -42,6 +43,7 @@ from . import nf4_matmul
 from .base import LinearBase, register_base
 from .errors import AdaptkitError
 from .nf4 import NF4State, dequantize_nf4, quantize_nf4
+from .nf4_state import QuantParam
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -100,7 +102,7 @@ def nf4_forward(layer: NF4Linear, x: torch.Tensor, bias: torch.Tensor | None) ->
 
 class NF4Linear(nn.Linear):
     """A frozen ``nn.Linear`` whose weight is stored in NF4 (bitsandbytes' Linear4bit layout);
-    buffers and storage in the module docstring. ``dtype`` is the weight's dtype before
+    tensors and storage in the module docstring. ``dtype`` is the weight's dtype before
     quantisation; ``compute_dtype`` (default ``dtype``) is what forward dequantises to.
 
     ``.to(device)`` moves everything; ``.to(dtype)`` casts the bias only (the quantisation
@@ -129,11 +131,12 @@ class NF4Linear(nn.Linear):
         n = self.in_features * self.out_features
         nb = -(-n // blocksize)
         kw = dict(device=device)
-        self.register_buffer("weight", torch.zeros((n + 1) // 2, dtype=torch.uint8, **kw))
-        self.register_buffer("absmax", torch.zeros(nb, dtype=torch.uint8 if double_quant else torch.float32, **kw))
+        self.weight = QuantParam(torch.zeros((n + 1) // 2, dtype=torch.uint8, **kw))
+        self.register_parameter("bias", nn.Parameter(torch.zeros(out_features, dtype=dtype, **kw)) if bias else None)
+        self.absmax = QuantParam(torch.zeros(nb, dtype=torch.uint8 if double_quant else torch.float32, **kw))
+        # tiny (1/16384 of the weights): buffers, replicated under FSDP2 (offset is 0-d)
         self.register_buffer("nested_absmax", torch.zeros(-(-nb // nested_blocksize), **kw) if double_quant else None)
         self.register_buffer("offset", torch.zeros((), **kw) if double_quant else None)
-        self.register_parameter("bias", nn.Parameter(torch.zeros(out_features, dtype=dtype, **kw)) if bias else None)
 
     @classmethod
     def from_weight(
@@ -160,15 +163,21 @@ class NF4Linear(nn.Linear):
             compute_dtype=compute_dtype,
             device="meta",
         )
-        q.weight, q.absmax, q.nested_absmax, q.offset = packed, st.absmax, st.nested_absmax, st.offset
         q.register_parameter("bias", bias)
-        return q
+        return q.set_packed(packed, st)
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, **settings) -> NF4Linear:
         """An NF4 copy of ``lin`` (left untouched; the bias Parameter is shared)."""
         q = cls.from_weight(lin.weight, lin.bias, **settings)
         return q.train(lin.training)
+
+    def set_packed(self, packed: torch.Tensor, st: NF4State) -> NF4Linear:
+        """Take ``packed`` uint8 [ceil(n/2)] and ``st``'s absmax / nested state as this
+        layer's tensors (not copied); ``st`` must match the layer's shape and settings."""
+        self.weight, self.absmax = QuantParam(packed), QuantParam(st.absmax)
+        self.nested_absmax, self.offset = st.nested_absmax, st.offset
+        return self
 
     @property
     def double_quant(self) -> bool:
@@ -201,16 +210,15 @@ class NF4Linear(nn.Linear):
         )
 
     def _apply(self, fn, recurse=True):
-        # .to(dtype) / .half() cast floating buffers; the fp32 quantisation state must stay
-        # exact, so it passes as int32 bits (same storage): device moves still apply
-        hide = [k for k in _STATE if self._buffers.get(k) is not None and self._buffers[k].is_floating_point()]
-        for k in hide:
-            self._buffers[k] = self._buffers[k].view(torch.int32)
-        try:
-            return super()._apply(fn, recurse)
-        finally:
-            for k in hide:
-                self._buffers[k] = self._buffers[k].view(torch.float32)
+        # .to(dtype) / .half() cast floating tensors; the fp32 quantisation state must stay
+        # exact, so it takes only fn's device (a Parameter's object is kept, as FSDP2 needs)
+        keep = {id(t) for k in _STATE if (t := getattr(self, k)) is not None and t.is_floating_point()}
+
+        def move(t):
+            r = fn(t)
+            return t.to(r.device) if id(t) in keep and r.dtype != t.dtype else r
+
+        return super()._apply(move if keep else fn, recurse)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -267,7 +275,7 @@ class NF4Base(LinearBase):
         return F.linear(x.to(cd), m.to(cd), None if bias is None else bias.to(cd)).to(x.dtype)
 
     def forward(self, layer, x):
-        return self.op(layer, x, layer._buffers["weight"], layer._parameters.get("bias"))
+        return self.op(layer, x, layer._parameters["weight"], layer._parameters.get("bias"))
 
     def read(self, layer):
         m = layer._buffers.get("merged_weight")

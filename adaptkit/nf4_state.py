@@ -13,11 +13,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 
 from .errors import AdaptkitError
 from .nf4_nested import DYNAMIC_CODE
 
-__all__ = ["NF4_CODE", "NF4State"]
+__all__ = ["NF4_CODE", "NF4State", "QuantParam"]
 
 # The 16 NF4 values exactly as bitsandbytes has them (create_normal_map(offset=0.9677083),
 # normalised to max 1): 7 negatives, zero at index 7, 8 positives.
@@ -43,6 +44,23 @@ def _on(name: str, table: torch.Tensor, device: torch.device) -> torch.Tensor:
     if key not in _TABLES:
         _TABLES[key] = table.to(device)
     return _TABLES[key]
+
+
+class QuantParam(nn.Parameter):
+    """A frozen Parameter holding quantised state (NF4 bytes, absmax): a Parameter, not a
+    buffer, so FSDP2's ``fully_shard`` shards it along dim 0 and gathers it for the forward
+    (docs/ARCHITECTURE.md, "Sharded NF4"), as bitsandbytes' ``Params4bit`` is a Parameter.
+    It never requires grad: ``requires_grad_(True)`` (``model.requires_grad_()``, restoring
+    a model's flags after ``ak.merge``) leaves it frozen rather than failing on uint8."""
+
+    def __new__(cls, data: torch.Tensor, requires_grad: bool = False):
+        return super().__new__(cls, data, requires_grad=False)
+
+    def requires_grad_(self, requires_grad: bool = True) -> QuantParam:
+        return self
+
+    def __reduce_ex__(self, protocol):  # nn.Parameter's would unpickle a plain Parameter
+        return QuantParam, (self.data,)
 
 
 @dataclass

@@ -65,12 +65,15 @@ def summary(model: nn.Module) -> Summary:
             per_adapter[n]["merged_layers"] += bool(a.merged)
     for d in per_adapter.values():
         d["merged"] = d["layers"] > 0 and d["merged_layers"] == d["layers"]
-    params = list(model.parameters())
-    packed = sum(
-        math.prod(weight_shape(m))
+    quant = [
+        m
         for m in model.modules()
         if isinstance(w := getattr(m, "weight", None), torch.Tensor) and not w.is_floating_point()
-    )
+    ]
+    # their packed bytes and scales are frozen Parameters (so FSDP2 shards them): not counted
+    skip = {id(p) for m in quant for k, p in m.named_parameters(recurse=False) if k != "bias"}
+    params = [p for p in model.parameters() if id(p) not in skip]
+    packed = sum(math.prod(weight_shape(m)) for m in quant)
     return Summary(
         sum(p.numel() for p in params if p.requires_grad),
         sum(p.numel() for p in params) + packed,

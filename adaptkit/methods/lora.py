@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -152,24 +153,22 @@ class LoRAAdapter(Adapter):
         A, B, w = p["lora_A"], p["lora_B"], lp.get("weight")
         if layer.kind != "linear" or (self.p and self.training) or x.dtype != A.dtype or B.dtype != A.dtype:
             return layer.base.forward(layer, x)
-        if w is None:  # NF4: the packed bytes are a buffer; fused only where W is dequantised whole
-            if not self._nf4_fusable(x, layer):
-                return layer.base.forward(layer, x)
-        elif w.requires_grad or w.dtype != x.dtype:
+        if w is None:
+            return layer.base.forward(layer, x)
+        packed = not w.is_floating_point()  # NF4: fused only where W is dequantised whole
+        if (not self._nf4_fusable(x, w, layer)) if packed else (w.requires_grad or w.dtype != x.dtype):
             return layer.base.forward(layer, x)
         if tracing() or autocast_on(x.device.type):
             return layer.base.forward(layer, x)
-        y = lora_linear(x, w, lp.get("bias"), A, B, self.scale, layer)
+        y = lora_linear(x, None if packed else w, lp.get("bias"), A, B, self.scale, layer)
         self.__dict__["_fused"] = y
         return y
 
     @staticmethod
-    def _nf4_fusable(x: torch.Tensor, layer: AdaptedLayer) -> bool:
+    def _nf4_fusable(x: torch.Tensor, packed: torch.Tensor, layer: AdaptedLayer) -> bool:
         from .. import nf4_matmul  # the NF4 kernels load with the NF4 base
 
-        buf = layer._buffers
-        packed = buf.get("weight")
-        if packed is None or packed.is_floating_point() or buf.get("merged_weight") is not None:
+        if layer._buffers.get("merged_weight") is not None:
             return False
         if getattr(layer, "compute_dtype", None) != x.dtype or not hasattr(layer, "dequantize"):
             return False
