@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -71,8 +72,9 @@ def quantize(
         raise AdaptkitError(
             f"{owner}: quantises nn.Linear only, but targets matched {', '.join(bad)}; exclude them or narrow targets"
         )
-    kw = dict(blocksize=blocksize, double_quant=double_quant, compute_dtype=DTYPES.get(compute_dtype))
-    new = {p: NF4Linear.from_linear(model.get_submodule(p), **kw) for p in paths}
+    cd = DTYPES[compute_dtype] if compute_dtype else None  # checked by check_settings
+    kw: dict[str, Any] = dict(blocksize=blocksize, double_quant=double_quant, compute_dtype=cd)
+    new = {p: NF4Linear.from_linear(cast(nn.Linear, model.get_submodule(p)), **kw) for p in paths}
     for p, q in new.items():
         model.set_submodule(p, q)
     return paths
@@ -152,7 +154,7 @@ def load(model: nn.Module, path: str | os.PathLike) -> list[str]:
     problems, built = [], {}
     for p, d in layers.items():
         try:
-            m = model.get_submodule(p) if p else None  # (the root module cannot be swapped)
+            m: Any = model.get_submodule(p) if p else None  # a Linear (the root cannot be swapped)
         except AttributeError:
             m = None
         if m is None:

@@ -321,7 +321,7 @@ class NF4Base(LinearBase):
         dt, m = layer.weight_dtype, layer._buffers.get("merged_weight")
         lin = nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta")
         lin.weight = nn.Parameter(layer.dequantize(dt) if m is None else m, requires_grad=False)
-        lin.bias = _bias(layer, dt)
+        lin.register_parameter("bias", _bias(layer, dt))
         return lin.train(layer.training)
 
 
@@ -332,7 +332,7 @@ def _bias(layer, dt: torch.dtype) -> nn.Parameter | None:
 
 
 @torch.no_grad()
-def requant_drift(w: torch.Tensor, wq: torch.Tensor, w0: torch.Tensor) -> dict[str, float]:
+def requant_drift(w: torch.Tensor, wq: torch.Tensor, w0: torch.Tensor) -> dict[str, float | None]:
     """How re-quantising the merged weight ``w`` (out, in) to ``wq`` moves outputs, on 64
     seeded N(0, 1) probe inputs X (64, in); ``w0`` is the dequantised base before the merge.
 

@@ -90,16 +90,17 @@ class NF4State:
 
     def block_absmax(self) -> torch.Tensor:
         """fp32 absmax per block, ``DYNAMIC_CODE[q8]·nested_absmax + offset`` if nested."""
-        if not self.double_quant:
+        nested, offset = self.nested_absmax, self.offset
+        if nested is None or offset is None:
             return self.absmax
         code = _on("dynamic", DYNAMIC_CODE, self.absmax.device)[self.absmax.long()]  # [nblocks]
         nb = self.nested_blocksize
         full = code.numel() // nb * nb
         out = torch.empty_like(code)  # [nblocks]; bnb multiplies in fp32, then adds offset
         # [nested blocks, nb] * [nested blocks, 1] -> [nested blocks, nb]
-        out[:full].view(-1, nb).copy_(code[:full].view(-1, nb) * self.nested_absmax[: full // nb, None])
-        out[full:] = code[full:] * self.nested_absmax[full // nb :]  # partial nested block
-        return out.add_(self.offset)
+        out[:full].view(-1, nb).copy_(code[:full].view(-1, nb) * nested[: full // nb, None])
+        out[full:] = code[full:] * nested[full // nb :]  # partial nested block
+        return out.add_(offset)
 
     def to_tensors(self, prefix: str = "weight") -> dict[str, torch.Tensor]:
         """Tensors under bitsandbytes' ``QuantState.as_dict(packed=True)`` key names.
@@ -116,7 +117,7 @@ class NF4State:
             "shape": list(self.shape),
         }
         out = {f"{prefix}.absmax": self.absmax, f"{prefix}.quant_map": NF4_CODE.clone()}
-        if self.double_quant:
+        if self.nested_absmax is not None and self.offset is not None:
             meta.update(
                 nested_blocksize=self.nested_blocksize, nested_dtype="float32", nested_offset=float(self.offset)
             )
@@ -172,7 +173,7 @@ class NF4State:
                 f"NF4: absmax at {where} is {self.absmax.dtype}[{self.absmax.numel()}], expected "
                 f"{want}[{nblocks}] for shape {tuple(self.shape)} and blocksize {self.blocksize}"
             )
-        if self.double_quant:
+        if self.nested_absmax is not None:
             _check_blocksize(self.nested_blocksize, "nested_blocksize")
             nn_ = -(-nblocks // self.nested_blocksize)
             if self.nested_absmax.numel() != nn_ or self.offset is None or self.offset.numel() != 1:

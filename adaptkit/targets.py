@@ -103,7 +103,7 @@ def select(model: nn.Module, spec) -> list[str]:
 
 def select_paths(
     model: nn.Module,
-    targets: tuple[str, ...],
+    targets: tuple[str, ...] | None,
     exclude: tuple[str, ...] | None = None,
     layers: tuple[int, ...] | None = None,
     layers_pattern: tuple[str, ...] | None = None,

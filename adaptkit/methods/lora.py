@@ -176,7 +176,7 @@ class LoRAAdapter(Adapter):
         if b is not None and b.dtype != x.dtype:
             return False
         # the plain NF4 op keeps W out of memory (row chunks) where that is faster: leave it
-        return nf4_matmul._layout(packed, layer.state(), x.numel() // x.shape[-1]) is None
+        return nf4_matmul._layout(packed, layer.state(), x.numel() // x.shape[-1]) is None  # type: ignore[operator]  # NF4Linear.state
 
     def update(self, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
         if self._fused is not None:
