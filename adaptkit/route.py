@@ -13,9 +13,10 @@ replaces each adapted layer's active tuple by one ``_Router`` (a stand-in adapte
 ``fuses_base``, so ``AdaptedLayer.forward`` hands it the whole call; no core hook needed)::
 
     y = base(x)                                   one GEMM, every row, (N, ..., out)
-    LoRA rows (fast form, Linear-like bases):     per-row factors, gathered once on entry
+    LoRA / DoRA rows (fast form, Linear-like):    per-row factors, gathered once on entry
         A_rows (N, r_max, in), B_rows (N, out, r_max) = s_i B_i, zero for other rows
         y += bmm(bmm(x, A_rows^T), B_rows^T)      x viewed (N, T, in); exact: zero rows add 0
+        y = g_rows y + b (1 - g_rows)             DoRA's m / ||W + s B A||_row; 1 elsewhere
     every other adapter (generic form):           rows of one adapter through its own update
         y[idx] = adapter.update(x[idx], y[idx], layer)
 
@@ -49,6 +50,7 @@ import torch.nn as nn
 from .errors import AdaptkitError
 from .inject import check_model, refresh, state
 from .layer import AdaptedLayer, Adapter, adapted_layers
+from .methods.dora import DoRAAdapter
 from .methods.lora import LoRAAdapter
 
 # batch rows up to which LoRA's per-row factors are gathered once on entry (memory
@@ -57,47 +59,62 @@ CACHE_ROWS = 64
 # base kinds whose input is (N, ..., in) and whose update is x A^T B^T (the fast form's math);
 # an NF4 base is kind "linear"
 FAST_KINDS = ("linear", "conv1d_t")
+# adapters with the fast form (exact types: a subclass may compute something else)
+FAST_TYPES = (LoRAAdapter, DoRAAdapter)
 
 
-class _LoRARows:
-    """LoRA's fast form on one layer: per-row factors for the rows whose adapter is a plain
-    :class:`LoRAAdapter` of one dtype (ranks may differ: padded with zeros, which add 0).
+class _LowRankRows:
+    """The fast form on one layer: per-row factors for the rows whose adapter is a plain
+    :class:`LoRAAdapter` or :class:`DoRAAdapter` of one dtype (ranks may differ: padded with
+    zeros, which add 0). DoRA's rescale is per row too: ``out = g * (y + s B A x) + b (1 - g)``
+    with ``g = m / ||W + s B A||_row`` fixed while the weights are (g = 1: LoRA, None rows).
 
-    stack_A (k+1, r, in), stack_B (k+1, out, r) with s folded into B; slot k is zeros
-    (rows using no LoRA here); idx (N,) the slot of each row."""
+    stack_A (k+1, r, in), stack_B (k+1, out, r) with s folded into B, stack_G (k+1, out);
+    slot k is zeros (rows using no low-rank adapter here); idx (N,) the slot of each row."""
 
-    def __init__(self, loras: list[Adapter], slots: list[int]):
-        a0 = loras[0]
-        r = max(a.rank for a in loras)
+    def __init__(self, layer: AdaptedLayer, ads: list[Adapter], slots: list[int]):
+        a0 = ads[0]
+        r = max(a.rank for a in ads)
         n_out, n_in = a0.lora_B.shape[0], a0.lora_A.shape[1]
         kw = {"device": a0.lora_A.device, "dtype": a0.lora_A.dtype}
         with torch.no_grad():
-            A = torch.zeros(len(loras) + 1, r, n_in, **kw)  # (k+1, r, in)
-            B = torch.zeros(len(loras) + 1, n_out, r, **kw)  # (k+1, out, r)
-            for j, a in enumerate(loras):
+            A = torch.zeros(len(ads) + 1, r, n_in, **kw)  # (k+1, r, in)
+            B = torch.zeros(len(ads) + 1, n_out, r, **kw)  # (k+1, out, r)
+            G = torch.ones(len(ads) + 1, n_out, device=kw["device"])  # (k+1, out) fp32
+            for j, a in enumerate(ads):
                 A[j, : a.rank] = a.lora_A
                 B[j, :, : a.rank] = (a.scale * a.lora_B.float()).to(B.dtype)
+                if isinstance(a, DoRAAdapter):
+                    G[j] = a.lora_magnitude.float() / a.row_norm(layer)
             self.idx = torch.tensor(slots, device=kw["device"])
             self.dtype = kw["dtype"]
+            self.dora = any(isinstance(a, DoRAAdapter) for a in ads)
+            Bt, G = B.transpose(1, 2).contiguous(), G if self.dora else None  # (k+1, r, out)
             if len(slots) <= CACHE_ROWS:
                 self.stack = None
-                self.A_rows = A[self.idx]  # (N, r, in)
-                self.Bt_rows = B[self.idx].transpose(1, 2).contiguous()  # (N, r, out)
+                self.A_rows, self.Bt_rows = A[self.idx], Bt[self.idx]  # (N, r, in), (N, r, out)
+                self.G_rows = None if G is None else G[self.idx]  # (N, out)
             else:
-                self.stack = (A, B.transpose(1, 2).contiguous())  # (k+1, r, in), (k+1, r, out)
+                self.stack = (A, Bt, G)
 
-    def apply(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """y + s_i B_i A_i x_i for every row i (x (N, ..., in), y (N, ..., out))."""
+    def apply(self, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
+        """Every row's update on the base output y (x (N, ..., in), y (N, ..., out))."""
         if self.stack is None:
-            A, Bt = self.A_rows, self.Bt_rows
-        else:
-            A, Bt = self.stack[0][self.idx], self.stack[1][self.idx]  # (N, r, in), (N, r, out)
+            A, Bt, G = self.A_rows, self.Bt_rows, self.G_rows
+        else:  # gathered per call: (N, r, in), (N, r, out), (N, out)
+            A, Bt, G = (None if t is None else t[self.idx] for t in self.stack)
         x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(self.dtype)  # (N, ..., in) -> (N, T, in)
         h = torch.bmm(x3, A.transpose(1, 2))  # (N, T, r)
         y3 = y.reshape(y.shape[0], -1, y.shape[-1])  # (N, ..., out) -> (N, T, out)
         if y.dtype == self.dtype:
-            return torch.baddbmm(y3, h, Bt).view(y.shape)  # (N, T, out) -> (N, ..., out)
-        return (y3 + torch.bmm(h, Bt).to(y.dtype)).view(y.shape)
+            t = torch.baddbmm(y3, h, Bt)
+        else:
+            t = y3 + torch.bmm(h, Bt).to(y.dtype)
+        if G is not None:  # DoRA rows: g t + b (1 - g); g = 1 elsewhere leaves t as it is
+            g = G.to(y.dtype).unsqueeze(1)  # (N, 1, out)
+            b = layer.bias
+            t = t * g if b is None else torch.addcmul(b.to(y.dtype) * (1 - g), g, t)
+        return t.view(y.shape)  # (N, T, out) -> (N, ..., out)
 
 
 class _Router:
@@ -120,13 +137,13 @@ class _Router:
             return None if len(ix) == self.n else torch.tensor(ix, device=dev)
 
         self.groups = [(ads[n], index(n)) for n in used]  # the generic form, every adapter
-        fast = [n for n in used if type(ads[n]) is LoRAAdapter] if layer.kind in FAST_KINDS else []
+        fast = [n for n in used if type(ads[n]) in FAST_TYPES] if layer.kind in FAST_KINDS else []
         fast = [n for n in fast if ads[n].lora_A.dtype == ads[fast[0]].lora_A.dtype]
         self.rest = [(a, ix) for a, ix in self.groups if not any(a is ads[n] for n in fast)]
-        self.lora = None
+        self.low_rank = None
         if fast:
             slot = {n: j for j, n in enumerate(fast)}
-            self.lora = _LoRARows([ads[n] for n in fast], [slot.get(n, len(fast)) for n in rows])
+            self.low_rank = _LowRankRows(layer, [ads[n] for n in fast], [slot.get(n, len(fast)) for n in rows])
         fast_ads = [ads[n] for n in fast]
         self.trainable = any(p.requires_grad for a in fast_ads for p in a.parameters())
         self.dropout = any(a.p for a in fast_ads)
@@ -141,7 +158,7 @@ class _Router:
                 f"dim 0 reaches every adapted layer unchanged"
             )
         y = layer.base.forward(layer, x)
-        fast = self.lora is not None and not (
+        fast = self.low_rank is not None and not (
             (torch.is_grad_enabled() and self.trainable) or (self.dropout and layer.training)
         )
         for a, ix in self.rest if fast else self.groups:
@@ -150,7 +167,7 @@ class _Router:
             else:  # rows of this adapter through its own update, written back in place of theirs
                 y = y.index_copy(0, ix, a.update(x.index_select(0, ix), y.index_select(0, ix), layer))
         if fast:
-            y = self.lora.apply(x, y)
+            y = self.low_rank.apply(x, y, layer)
         return y
 
     def update(self, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:

@@ -13,6 +13,7 @@ import adaptkit as ak
 from adaptkit.inject import state
 from adaptkit.layer import adapted_layers
 from adaptkit.merge import merge, unmerge
+from adaptkit.methods.dora import DoRAAdapter
 from adaptkit.methods.lora import LoRAAdapter
 from conftest import Conv1D, randomise_adapters
 
@@ -92,31 +93,35 @@ def test_every_method_row_equals_row_alone(grad):
         assert (ref[0] - ref[2]).abs().max() > 1e-3 and (ref[0] - ref[1]).abs().max() > 1e-3
 
 
-def test_fast_lora_form_skips_the_per_adapter_update(monkeypatch):
-    """Under no_grad the plain LoRAs of Linear-like layers run batched (LoRAAdapter.update is
-    only called for the Embedding, which takes the generic form)."""
-    m, x = _net({k: SPECS[k] for k in ("lora", "lora4")}), _ids(4)
-    names = ["lora", "lora4", None, "lora"]
+@pytest.mark.parametrize("bias", [True, False])
+def test_fast_form_skips_the_per_adapter_update(monkeypatch, bias):
+    """Under no_grad the plain LoRAs and DoRAs of Linear-like layers run batched (their own
+    update is only called for the Embedding, which takes the generic form)."""
+    m = _net({k: SPECS[k] for k in ("lora", "lora4", "dora", "lokr")})
+    if not bias:
+        m.fc1.bias = None
+    x, names = _ids(5), ["lora", "lora4", None, "dora", "lokr"]
     with torch.no_grad():
         ref = _alone(m, names, x)
         kinds = []
-        real = LoRAAdapter.update
-        monkeypatch.setattr(LoRAAdapter, "update", lambda s, x, y, layer: kinds.append(layer.kind) or real(s, x, y, layer))
+        for cls in (LoRAAdapter, DoRAAdapter):
+            real = cls.update
+            monkeypatch.setattr(cls, "update", lambda s, x, y, layer, real=real: kinds.append(layer.kind) or real(s, x, y, layer))
         with ak.route(m, names):
             got = m(x)
-    assert set(kinds) == {"embedding"}
+    assert kinds == ["embedding"]
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_large_batch_gathers_per_call(monkeypatch):
     monkeypatch.setattr(route_mod, "CACHE_ROWS", 2)
-    m, x = _net({k: SPECS[k] for k in ("lora", "lora4")}), _ids(5)
-    names = ["lora4", "lora", None, "lora", "lora4"]
+    m, x = _net({k: SPECS[k] for k in ("lora", "lora4", "dora")}), _ids(5)
+    names = ["lora4", "dora", None, "lora", "lora4"]
     with torch.no_grad():
         ref = _alone(m, names, x)
         with ak.route(m, names):
             r = m.fc1.adapters and m.fc1._active[0]
-            assert r.lora.stack is not None
+            assert r.low_rank.stack is not None
             got = m(x)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
@@ -160,7 +165,7 @@ def test_qlora_and_qdora_rows():
 
 
 def test_leaving_restores_the_active_set_also_on_exceptions():
-    m, x = _net(), _ids(3)
+    m = _net()
     ak.set_active(m, ["lora", "dora"])
     before = {p: (l._active, list(l._active_names)) for p, l in adapted_layers(m)}
     with pytest.raises(RuntimeError, match="boom"):
