@@ -33,6 +33,8 @@ The fast form runs only when no adapter parameter needs a gradient (``torch.no_g
 inference mode, or frozen adapters) and no LoRA dropout is live; otherwise every row takes the
 generic form, which is differentiable (training under route works, dropout included).
 The stacked factors are a snapshot taken on entry: change adapter weights outside the context.
+``ak.set_active`` (or ``ak.inject``) inside the context replaces the routers, so the rest of
+the context runs that active set for every row; leaving it still restores the state from before.
 
 A later base kind whose input does not carry the batch in dim 0 (MoE experts: tokens of every
 row flattened) would add its own row map here; today a layer whose input's dim 0 is not the
