@@ -13,7 +13,7 @@ replaces each adapted layer's active tuple by one ``_Router`` (a stand-in adapte
 ``fuses_base``, so ``AdaptedLayer.forward`` hands it the whole call; no core hook needed)::
 
     y = base(x)                                   one GEMM, every row, (N, ..., out)
-    LoRA / DoRA rows (fast form, Linear-like):    per-row factors, gathered once on entry
+    LoRA / DoRA / GeoLoRA rows (fast form, Linear-like): per-row factors, gathered on entry
         A_rows (N, r_max, in), B_rows (N, out, r_max) = s_i B_i, zero for other rows
         y += bmm(bmm(x, A_rows^T), B_rows^T)      x viewed (N, T, in); exact: zero rows add 0
         y = g_rows y + b (1 - g_rows)             DoRA's m / ||W + s B A||_row; 1 elsewhere
@@ -53,6 +53,7 @@ from .errors import AdaptkitError
 from .inject import check_model, refresh, state
 from .layer import AdaptedLayer, Adapter, adapted_layers
 from .methods.dora import DoRAAdapter
+from .methods.geolora import GeoLoRAAdapter
 from .methods.lora import LoRAAdapter
 
 # batch rows up to which LoRA's per-row factors are gathered once on entry (memory
@@ -61,13 +62,25 @@ CACHE_ROWS = 64
 # base kinds whose input is (N, ..., in) and whose update is x A^T B^T (the fast form's math);
 # an NF4 base is kind "linear"
 FAST_KINDS = ("linear", "conv1d_t")
-# adapters with the fast form (exact types: a subclass may compute something else)
-FAST_TYPES = (LoRAAdapter, DoRAAdapter)
+
+
+def _lora_pair(a) -> tuple[torch.Tensor, torch.Tensor]:
+    return a.lora_A, a.scale * a.lora_B.float()
+
+
+def _geolora_pair(a) -> tuple[torch.Tensor, torch.Tensor]:
+    U, S, V = a.factors()  # (out, r), (r, r), (in, r): delta = s U S V^T
+    return S @ V.t(), a.scale * U.float()
+
+
+# adapter type (exact: a subclass may compute something else) -> its update as a low-rank
+# pair (A (r, in), s B (out, r)), delta = s B A; a method joins the fast form with one entry
+LOW_RANK = {LoRAAdapter: _lora_pair, DoRAAdapter: _lora_pair, GeoLoRAAdapter: _geolora_pair}
 
 
 class _LowRankRows:
-    """The fast form on one layer: per-row factors for the rows whose adapter is a plain
-    :class:`LoRAAdapter` or :class:`DoRAAdapter` of one dtype (ranks may differ: padded with
+    """The fast form on one layer: per-row factors for the rows whose adapter has a low-rank
+    pair (``LOW_RANK``: LoRA, DoRA, GeoLoRA) of one dtype (ranks may differ: padded with
     zeros, which add 0). DoRA's rescale is per row too: ``out = g * (y + s B A x) + b (1 - g)``
     with ``g = m / ||W + s B A||_row`` fixed while the weights are (g = 1: LoRA, None rows).
 
@@ -75,17 +88,18 @@ class _LowRankRows:
     slot k is zeros (rows using no low-rank adapter here); idx (N,) the slot of each row."""
 
     def __init__(self, layer: AdaptedLayer, ads: list[Adapter], slots: list[int]):
-        a0 = ads[0]
-        r = max(a.rank for a in ads)
-        n_out, n_in = a0.lora_B.shape[0], a0.lora_A.shape[1]
-        kw = {"device": a0.lora_A.device, "dtype": a0.lora_A.dtype}
         with torch.no_grad():
+            pairs = [LOW_RANK[type(a)](a) for a in ads]  # (r_j, in), (out, r_j)
+            a0 = pairs[0][0]
+            r = max(a.shape[0] for a, _ in pairs)
+            n_out, n_in = pairs[0][1].shape[0], a0.shape[1]
+            kw = {"device": a0.device, "dtype": a0.dtype}
             A = torch.zeros(len(ads) + 1, r, n_in, **kw)  # (k+1, r, in)
             B = torch.zeros(len(ads) + 1, n_out, r, **kw)  # (k+1, out, r)
             G = torch.ones(len(ads) + 1, n_out, device=kw["device"])  # (k+1, out) fp32
-            for j, a in enumerate(ads):
-                A[j, : a.rank] = a.lora_A
-                B[j, :, : a.rank] = (a.scale * a.lora_B.float()).to(B.dtype)
+            for j, (a, (pa, pb)) in enumerate(zip(ads, pairs)):
+                A[j, : pa.shape[0]] = pa
+                B[j, :, : pa.shape[0]] = pb
                 if isinstance(a, DoRAAdapter):
                     G[j] = a.lora_magnitude.float() / a.row_norm(layer)
             self.idx = torch.tensor(slots, device=kw["device"])
@@ -139,8 +153,9 @@ class _Router:
             return None if len(ix) == self.n else torch.tensor(ix, device=dev)
 
         self.groups = [(ads[n], index(n)) for n in used]  # the generic form, every adapter
-        fast = [n for n in used if type(ads[n]) in FAST_TYPES] if layer.kind in FAST_KINDS else []
-        fast = [n for n in fast if ads[n].lora_A.dtype == ads[fast[0]].lora_A.dtype]
+        fast = [n for n in used if type(ads[n]) in LOW_RANK] if layer.kind in FAST_KINDS else []
+        dtype = [next(ads[n].parameters()).dtype for n in fast]
+        fast = [n for n, dt in zip(fast, dtype) if dt == dtype[0]]
         self.rest = [(a, ix) for a, ix in self.groups if not any(a is ads[n] for n in fast)]
         self.low_rank = None
         if fast:

@@ -14,6 +14,7 @@ from adaptkit.inject import state
 from adaptkit.layer import adapted_layers
 from adaptkit.merge import merge, unmerge
 from adaptkit.methods.dora import DoRAAdapter
+from adaptkit.methods.geolora import GeoLoRAAdapter
 from adaptkit.methods.lora import LoRAAdapter
 from conftest import Conv1D, randomise_adapters
 
@@ -95,16 +96,16 @@ def test_every_method_row_equals_row_alone(grad):
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_fast_form_skips_the_per_adapter_update(monkeypatch, bias):
-    """Under no_grad the plain LoRAs and DoRAs of Linear-like layers run batched (their own
-    update is only called for the Embedding, which takes the generic form)."""
-    m = _net({k: SPECS[k] for k in ("lora", "lora4", "dora", "lokr")})
+    """Under no_grad the LoRAs, DoRAs and GeoLoRAs of Linear-like layers run batched (their
+    own update is only called for the Embedding, which takes the generic form)."""
+    m = _net({k: SPECS[k] for k in ("lora", "lora4", "dora", "lokr", "geolora")})
     if not bias:
         m.fc1.bias = None
-    x, names = _ids(5), ["lora", "lora4", None, "dora", "lokr"]
+    x, names = _ids(6), ["lora", "lora4", None, "dora", "lokr", "geolora"]
     with torch.no_grad():
         ref = _alone(m, names, x)
         kinds = []
-        for cls in (LoRAAdapter, DoRAAdapter):
+        for cls in (LoRAAdapter, DoRAAdapter, GeoLoRAAdapter):
             real = cls.update
             monkeypatch.setattr(cls, "update", lambda s, x, y, layer, real=real: kinds.append(layer.kind) or real(s, x, y, layer))
         with ak.route(m, names):
