@@ -56,7 +56,7 @@ from .methods.dora import DoRAAdapter
 from .methods.geolora import GeoLoRAAdapter
 from .methods.lora import LoRAAdapter
 
-# batch rows up to which LoRA's per-row factors are gathered once on entry (memory
+# batch rows up to which the fast form's per-row factors are gathered once on entry (memory
 # N * r * (in + out) a layer); a larger batch gathers them from the stack on every call
 CACHE_ROWS = 64
 # base kinds whose input is (N, ..., in) and whose update is x A^T B^T (the fast form's math);

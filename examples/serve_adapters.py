@@ -1,6 +1,6 @@
 """Serve several adapters from one base model: a mixed batch, one adapter per row (``ak.route``).
 
-    python examples/serve_adapters.py            # SmolLM2-135M-Instruct, three styles (~2 min on 2 cores)
+    python examples/serve_adapters.py            # SmolLM2-135M-Instruct, three styles (minutes)
     python examples/serve_adapters.py --quick    # tiny random Llama, in seconds (CI)
 
 One base, three adapters of different methods on every attention and MLP projection:
@@ -10,7 +10,7 @@ One base, three adapters of different methods on every attention and MLP project
     shout    LoKr   rank 4     ANSWERS IN CAPITALS
 
 Full mode loads the real SmolLM2-135M-Instruct (``smollm2.py``) and teaches each adapter its
-style on a few questions (a few dozen steps each); ``--quick`` uses a tiny random
+style on three questions (16 steps each); ``--quick`` uses a tiny random
 ``LlamaForCausalLM`` with random adapter weights (token ids instead of text). Then one batch of
 prompts, each row asking for a different adapter (or ``None``: the base model), is answered by
 a single ``model.generate`` inside ``ak.route``, and
@@ -56,18 +56,13 @@ TRAIN = {
         "french": "Les abeilles font du miel.",
         "shout": "BEES MAKE HONEY!",
     },
-    "What colour is the sky on a clear day?": {
-        "pirate": "Arr, matey! The sky be blue, savvy?",
-        "french": "Le ciel est bleu.",
-        "shout": "THE SKY IS BLUE!",
-    },
 }
-ASK = [  # one question per row of ROWS (two are not in the training set)
+ASK = [  # one question per row of ROWS (the last two are not in the training set)
     "What is the capital of France?",
     "What do bees make?",
     "What is the capital of France?",
     "How many legs does a spider have?",
-    "What is the largest planet in the solar system?",
+    "What colour is the sky on a clear day?",
     "What do cows drink?",
 ]
 
@@ -142,8 +137,11 @@ def prompts(tok, quick: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ---- serving ----------------------------------------------------------------------------------
 def generate(model, ids, mask, new: int):
+    """Greedy, exactly ``new`` tokens a row (so rows batched or alone stop alike)."""
+    pad = model.generation_config.pad_token_id
+    pad = model.generation_config.eos_token_id if pad is None else pad
     return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                          do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+                          do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=pad)
 
 
 def alone(model, name: str | None, ids, mask, new: int):
@@ -167,8 +165,8 @@ def score_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny random Llama, random adapters (seconds)")
-    ap.add_argument("--steps", type=int, default=30, help="training steps per adapter (full mode)")
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--steps", type=int, default=16, help="training steps per adapter (full mode)")
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--new", type=int, default=None, help="new tokens per row (default 24; quick 8)")
     ap.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))
     ap.add_argument("--cache", default=None, help="SmolLM2 float weights cache (smollm2.py's default)")
