@@ -1,6 +1,6 @@
 """Serve several adapters from one base model: a mixed batch, one adapter per row (``ak.route``).
 
-    python examples/serve_adapters.py            # SmolLM2-135M-Instruct, three styles (minutes)
+    python examples/serve_adapters.py            # SmolLM2-135M-Instruct, three styles (a few minutes)
     python examples/serve_adapters.py --quick    # tiny random Llama, in seconds (CI)
 
 One base, three adapters of different methods on every attention and MLP projection:
@@ -10,13 +10,14 @@ One base, three adapters of different methods on every attention and MLP project
     shout    LoKr   rank 4     ANSWERS IN CAPITALS
 
 Full mode loads the real SmolLM2-135M-Instruct (``smollm2.py``) and teaches each adapter its
-style on three questions (16 steps each); ``--quick`` uses a tiny random
+style on three questions (8 steps each); ``--quick`` uses a tiny random
 ``LlamaForCausalLM`` with random adapter weights (token ids instead of text). Then one batch of
 prompts, each row asking for a different adapter (or ``None``: the base model), is answered by
 a single ``model.generate`` inside ``ak.route``, and
 
 1. each row's answer is printed and checked against that row generated alone with its adapter
-   active (same tokens, scores within 1e-4);
+   active (same tokens; scores within 1e-4 in quick mode, 1e-3 on SmolLM2, whose logits reach
+   ~30 and differ by ~5e-5 between a batch and a row alone in fp32);
 2. tokens/s of the mixed batch is compared with serving the same rows one adapter at a time
    (``ak.set_active`` then ``generate`` on that adapter's rows).
 """
@@ -165,7 +166,7 @@ def score_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny random Llama, random adapters (seconds)")
-    ap.add_argument("--steps", type=int, default=16, help="training steps per adapter (full mode)")
+    ap.add_argument("--steps", type=int, default=8, help="training steps per adapter (full mode)")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--new", type=int, default=None, help="new tokens per row (default 24; quick 8)")
     ap.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))
@@ -209,14 +210,14 @@ def main(argv=None) -> int:
             one_at_a_time()
             t_single = min(t_single, time.perf_counter() - t0)
 
-        ok = True
+        ok, tol = True, 1e-4 if args.quick else 1e-3
         n = ids.shape[1]
         print(f"\nmixed batch of {len(ROWS)} rows, {new} new tokens each, one generate inside ak.route:")
         for i, name in enumerate(ROWS):
             one = alone(model, name, ids[i : i + 1], mask[i : i + 1], new)
             same = torch.equal(out.sequences[i], one.sequences[0])
             diff = max(score_diff(s[i], s1[0]) for s, s1 in zip(out.scores, one.scores))
-            ok &= same and diff < 1e-4
+            ok &= same and diff < tol
             q = ASK[i] if tok is not None else show(ids[i][mask[i].bool()])
             print(f"  row {i} [{name or 'base'}] {q}\n      -> {show(out.sequences[i, n:])}\n"
                   f"      same as the row alone: {'yes' if same else 'NO'} (max |score diff| {diff:.1e})")
