@@ -20,6 +20,7 @@ from .lora_convert import to_lora  # any adapter -> a plain LoRA (truncated SVD)
 from .merge import merge
 from .methods import DoRA, GeoLoRA, GeoLoRAOptimizer, LoKr, LoRA, LoRAMPO, MoRA, MoRALinear, QLoRA, TrainableTokens
 from .optim import param_groups  # LoRA+ learning-rate groups
+from .route import route  # an adapter per batch row (serving)
 from .summary import summary
 from .swap import swap  # new weights into an existing adapter slot (no recompile)
 
@@ -44,6 +45,7 @@ __all__ = [
     "load",
     "merge",
     "param_groups",
+    "route",
     "save",
     "set_active",
     "summary",
