@@ -195,6 +195,7 @@ def attach(model: nn.Module, spec: AdapterSpec, name: str, built, extras: list[s
         elif model.get_submodule(path) is not layer:
             model.set_submodule(path, layer)
         adapter.to(device=layer.weight.device)
+        adapter.train(layer.training)  # a new module is in training mode: an eval model keeps no dropout
         layer.adapters[name] = adapter
         adapter.attach(layer)
     st.specs[name] = spec

@@ -292,3 +292,20 @@ def test_module_apply_works_after_inject(method):
     seen = []
     m.apply(lambda mod: seen.append(type(mod).__name__))
     assert len(seen) == len(list(m.modules())) and any(s.startswith("Adapted") for s in seen)
+
+
+@pytest.mark.parametrize("spec", [ak.LoRA(rank=2, dropout=0.5, targets="0"), ak.DoRA(rank=2, dropout=0.5, targets="0")])
+def test_inject_into_an_eval_model_adds_adapters_in_eval_mode(spec):
+    """A new adapter module starts in training mode; injected (or loaded) into a model in eval
+    mode it must follow the model, or its dropout runs at inference and outputs vary."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8)).eval()
+    ak.inject(model, spec)
+    a = model[0].adapters["default"]
+    assert not a.training
+    nn.init.normal_(a.lora_B, 0, 0.5)  # a non-zero update: dropout would change the output
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
+    torch.testing.assert_close(model(x), nn.functional.linear(x, model[0].dense_weight(["default"]), model[0].bias))
+    model.train()
+    assert a.training

@@ -197,7 +197,7 @@ def test_dense_route_folds_into_the_base_matmul_only_when_exact():
     want = nn.functional.linear(x.double(), layer.dense_weight(["first", "default"]).double(),
                                 layer.bias.double())
     torch.testing.assert_close(layer(x).double(), want, rtol=1e-5, atol=1e-5)
-    assert seen == [True]
+    assert False not in seen  # W itself (LoRA's fused node computes it outside the Base), never W + s ΔW
     # dropout in training never folds (the base must see x, the adapter dropout(x))
     _, layer2 = build(dropout=0.5)
     ad2 = layer2.adapters["default"]
