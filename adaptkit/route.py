@@ -36,9 +36,9 @@ The stacked factors are a snapshot taken on entry: change adapter weights outsid
 ``ak.set_active`` (or ``ak.inject``) inside the context replaces the routers, so the rest of
 the context runs that active set for every row; leaving it still restores the state from before.
 
-A later base kind whose input does not carry the batch in dim 0 (MoE experts: tokens of every
-row flattened) would add its own row map here; today a layer whose input's dim 0 is not the
-batch is refused with an AdaptkitError, never computed wrongly.
+A layer whose input's dim 0 is not the batch is refused with an AdaptkitError, never
+computed wrongly; so is an adapted parameter (``target_parameters``: MoE experts see the
+tokens of every row flattened), which would need a token-to-row map of its own.
 """
 
 from __future__ import annotations
@@ -215,14 +215,20 @@ def _check_rows(model: nn.Module, names) -> list[str | None]:
     return rows
 
 
-def _check_layers(layers: list[tuple[str, AdaptedLayer]]) -> None:
-    merged = [f"'{p}' ({[n for n, a in l.adapters.items() if a.merged]})" for p, l in layers]
-    merged = [m for m, (_, l) in zip(merged, layers) if any(a.merged for a in l.adapters.values())]
+def _check_layers(layers: list[tuple[str, AdaptedLayer]], rows: list[str | None]) -> None:
+    merged = [f"'{p}' ({m})" for p, l in layers if (m := [n for n, a in l.adapters.items() if a.merged])]
     if merged:
         raise AdaptkitError(
             f"route: adapters are merged into the base weights at {', '.join(merged[:3])}"
             f"{' ...' if len(merged) > 3 else ''}, so no row could run without them; call "
             f"adaptkit.merge.unmerge(model) first"
+        )
+    params = [p for p, l in layers if l.kind == "param" and any(n in l.adapters for n in rows if n is not None)]
+    if params:
+        raise AdaptkitError(
+            f"route: '{params[0]}' is an adapted parameter (target_parameters); its module mixes "
+            f"the tokens of every row (MoE dispatch), so rows cannot take different adapters there. "
+            f"Route adapters without target_parameters, or run one adapter at a time"
         )
     nested = [p for p, l in layers if any(isinstance(a, _Router) for a in l._active)]
     if nested:
@@ -244,7 +250,7 @@ def route(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
     check_model(model, "route")
     rows = _check_rows(model, names)
     layers = [(p, l) for p, l in adapted_layers(model) if not l.owns_adapters]
-    _check_layers(layers)
+    _check_layers(layers, rows)
     routers = {}
     for p, layer in layers:
         if any(n is not None and n in layer.adapters for n in rows):

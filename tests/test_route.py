@@ -312,3 +312,25 @@ def test_lora_equals_peft_adapter_names():
             got = m(ids).logits
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     assert (ref[0] - ref[1]).abs().max() > 1e-3
+
+
+def test_route_refuses_adapted_expert_parameters_by_name():
+    """Expert weights see every row's tokens mixed (MoE dispatch): refused, model unchanged."""
+
+    class Experts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(2, 8, 8))
+
+        def forward(self, x):
+            return nn.functional.linear(x, self.w[0])
+
+    model = nn.Sequential(nn.Linear(8, 8), Experts())
+    ak.inject(model, ak.LoRA(rank=2, targets=r"0", target_parameters=r"1\.w"), name="a")
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        before = model(x)
+        with pytest.raises(ak.AdaptkitError, match=r"'1\.w' is an adapted parameter"):
+            with ak.route(model, ["a", None, "a"]):
+                pass
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
