@@ -328,8 +328,7 @@ def _prepared(model: nn.Module, modules: dict, cfg: dict, tensors: dict, where: 
 
 
 def _input_embeddings(modules: dict) -> str:
-    """The path of the model's input embeddings (``get_input_embeddings``), else "embed_tokens"
-    (PEFT's ``_get_input_embeddings_name``)."""
+    """Path of ``get_input_embeddings()``, else "embed_tokens" (PEFT's rule)."""
     get = getattr(modules[""], "get_input_embeddings", None)
     try:
         emb = get() if callable(get) else None
