@@ -20,10 +20,12 @@ Parameter is put back. The ParamLayer itself sits in ``owner._modules[name]`` (m
 lookup finds the Parameter first), so its path is the parameter path and adapter keys read
 ``<param path>.adapters.<name>.lora_A``.
 
-Cost (docs/ARCHITECTURE.md, "Parameter bases"): each forward builds one adapted weight the
-size of the parameter (the whole expert stack), and training back-propagates a dense
-gradient of that size through it (the owner's op computes it) before it is folded into the
-low-rank factors by two batched matmuls. That is the price of not owning the forward.
+Cost (docs/ARCHITECTURE.md, "Parameter bases"): in the dense form each forward builds one
+adapted weight the size of the parameter (the whole expert stack) and training
+back-propagates a dense gradient of that size through it before it reaches the low-rank
+factors: the price of not owning the forward. A single eager LoRA avoids it by presenting a
+factored weight (``LowRankWeight`` in methods/lora_param.py) whose expert GEMMs run
+``W x + s B (A x)``; anything else takes the dense form.
 """
 
 from __future__ import annotations
