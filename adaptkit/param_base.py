@@ -164,7 +164,15 @@ class ParamLayer(AdaptedLayer):
 
 
 def _host_forward(self, *args, **kwargs):
-    """The owner's forward with each adapted Parameter replaced by its adapted weight."""
+    """The owner's forward with each adapted Parameter replaced by its adapted weight; under
+    ``ak.route`` one such call per adapter group (``_ak_route``, adaptkit/route.py)."""
+    routed = self.__dict__.get("_ak_route")
+    if routed is not None:
+        return routed(self, _host_call, args, kwargs)
+    return _host_call(self, *args, **kwargs)
+
+
+def _host_call(self, *args, **kwargs):
     p, mods, swapped = self._parameters, self._modules, []
     for name in self.__dict__["_ak_params"]:
         layer = mods[name]

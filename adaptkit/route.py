@@ -37,8 +37,9 @@ The stacked factors are a snapshot taken on entry: change adapter weights outsid
 the context runs that active set for every row; leaving it still restores the state from before.
 
 A layer whose input's dim 0 is not the batch is refused with an AdaptkitError, never
-computed wrongly; so is an adapted parameter (``target_parameters``: MoE experts see the
-tokens of every row flattened), which would need a token-to-row map of its own.
+computed wrongly. Adapted parameters (``target_parameters``: MoE experts) see the tokens of
+every row flattened in row order: their module runs once per adapter group and keeps each
+group's tokens (``_OwnerRouter``; the per-group form, no batched fast form).
 """
 
 from __future__ import annotations
@@ -195,6 +196,48 @@ class _Router:
         return y  # base_forward computed every row
 
 
+class _OwnerRouter:
+    """Routes a module whose Parameters are adapted (``target_parameters``: MoE experts). Its
+    input holds the tokens of every row flattened in row order ((N, T, d) -> (N*T, d), as
+    transformers' MoE blocks do), so token j belongs to row j // (tokens / N). The owner's
+    forward runs once per adapter group with that group's adapters presented and keeps the
+    output tokens of the group's rows: exact, since the experts compute each token alone."""
+
+    def __init__(self, path: str, layers: list[AdaptedLayer], rows: list[str | None]):
+        self.path, self.layers, self.rows = path, layers, rows
+        self.groups = list(dict.fromkeys(rows))  # None (the base) is a group too
+
+    def __call__(self, owner: nn.Module, call, args, kwargs):
+        x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        n = len(self.rows)
+        if x is None or x.dim() == 0 or x.shape[0] % n:
+            got = "no tensor" if x is None else f"shape {list(x.shape)}"
+            raise AdaptkitError(
+                f"route: '{self.path}' got {got}, whose dim 0 is not a multiple of the {n} rows given "
+                f"to ak.route, so its tokens cannot be mapped to rows; route a batch whose tokens "
+                f"reach this module flattened in row order"
+            )
+        per = x.shape[0] // n  # tokens of one row
+        row_of = torch.arange(x.shape[0], device=x.device) // per  # (tokens,)
+        out = None
+        try:
+            for g in self.groups:
+                for layer in self.layers:
+                    layer.__dict__["_active"] = (layer.adapters[g],) if g is not None and g in layer.adapters else ()
+                y = call(owner, *args, **kwargs)
+                if not isinstance(y, torch.Tensor) or y.shape[0] != x.shape[0]:
+                    raise AdaptkitError(
+                        f"route: '{self.path}' returned {type(y).__name__}, not one tensor of its "
+                        f"{x.shape[0]} tokens; this module cannot be routed per row"
+                    )
+                mine = torch.tensor([r == g for r in self.rows], device=x.device)[row_of]  # (tokens,)
+                out = y if out is None else torch.where(mine.view(-1, *[1] * (y.dim() - 1)), y, out)
+        finally:
+            for layer in self.layers:
+                layer.__dict__["_active"] = ()
+        return out
+
+
 def _check_rows(model: nn.Module, names) -> list[str | None]:
     """names as a list, every entry None or an adapter of the model, else one error."""
     if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
@@ -223,14 +266,8 @@ def _check_layers(layers: list[tuple[str, AdaptedLayer]], rows: list[str | None]
             f"{' ...' if len(merged) > 3 else ''}, so no row could run without them; call "
             f"adaptkit.merge.unmerge(model) first"
         )
-    params = [p for p, l in layers if l.kind == "param" and any(n in l.adapters for n in rows if n is not None)]
-    if params:
-        raise AdaptkitError(
-            f"route: '{params[0]}' is an adapted parameter (target_parameters); its module mixes "
-            f"the tokens of every row (MoE dispatch), so rows cannot take different adapters there. "
-            f"Route adapters without target_parameters, or run one adapter at a time"
-        )
     nested = [p for p, l in layers if any(isinstance(a, _Router) for a in l._active)]
+    nested += [p for p, l in layers if l.kind == "param" and "_ak_route" in l.base.module.__dict__]
     if nested:
         raise AdaptkitError(
             f"route: the model is already inside ak.route (layer '{nested[0]}'); route contexts "
@@ -251,18 +288,27 @@ def route(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
     rows = _check_rows(model, names)
     layers = [(p, l) for p, l in adapted_layers(model) if not l.owns_adapters]
     _check_layers(layers, rows)
-    routers = {}
+    routers: dict[str, _Router] = {}
+    owners: dict[int, tuple[str, nn.Module, list[AdaptedLayer]]] = {}
     for p, layer in layers:
-        if any(n is not None and n in layer.adapters for n in rows):
+        if not any(n is not None and n in layer.adapters for n in rows):
+            continue
+        if layer.kind == "param":  # grouped by the module that uses the parameter
+            owners.setdefault(id(layer.base.module), (p.rpartition(".")[0], layer.base.module, []))[2].append(layer)
+        else:
             routers[p] = _Router(p, layer, rows)
     st = state(model)
     saved = {p: (layer._active, layer._active_names) for p, layer in layers}
     active = list(st.active)
     for p, layer in layers:
         layer.__dict__["_active"] = (routers[p],) if p in routers else ()
+    for path, owner, owned in owners.values():
+        owner.__dict__["_ak_route"] = _OwnerRouter(path, owned, rows)
     try:
         yield model
     finally:
+        for _, owner, _ in owners.values():
+            owner.__dict__.pop("_ak_route", None)
         if st.active != active:  # set_active inside the context: put the model's set back
             st.active = active
             refresh(model)

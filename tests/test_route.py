@@ -314,23 +314,37 @@ def test_lora_equals_peft_adapter_names():
     assert (ref[0] - ref[1]).abs().max() > 1e-3
 
 
-def test_route_refuses_adapted_expert_parameters_by_name():
-    """Expert weights see every row's tokens mixed (MoE dispatch): refused, model unchanged."""
-
-    class Experts(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = nn.Parameter(torch.randn(2, 8, 8))
-
-        def forward(self, x):
-            return nn.functional.linear(x, self.w[0])
-
-    model = nn.Sequential(nn.Linear(8, 8), Experts())
-    ak.inject(model, ak.LoRA(rank=2, targets=r"0", target_parameters=r"1\.w"), name="a")
-    x = torch.randn(3, 8)
+def test_route_on_moe_expert_parameters_equals_each_row_alone():
+    """transformers Mixtral with LoRA on attention and on the 3-D expert weights
+    (target_parameters), two adapters and the base mixed over rows: each row equals that row
+    run alone with its adapter; the experts see the rows' tokens flattened (MoE dispatch)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.MixtralConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+    )
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(cfg).eval()
+    for name in ("a", "b"):
+        spec = ak.LoRA(rank=2, alpha=3, targets=r".*\.(q|v)_proj", target_parameters=r".*\.experts\.(gate_up|down)_proj")
+        ak.inject(model, spec, name=name)
+    for p in model.parameters():
+        if p.requires_grad:
+            nn.init.normal_(p, 0, 0.3)  # every adapter non-zero, the two different
+    ids = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(1))
+    rows = ["a", None, "b"]
     with torch.no_grad():
-        before = model(x)
-        with pytest.raises(ak.AdaptkitError, match=r"'1\.w' is an adapted parameter"):
-            with ak.route(model, ["a", None, "a"]):
-                pass
-        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+        with ak.route(model, rows):
+            mixed = model(ids).logits
+        for i, n in enumerate(rows):
+            if n is None:
+                with ak.disabled(model):
+                    alone = model(ids[i : i + 1]).logits
+            else:
+                ak.set_active(model, [n])
+                alone = model(ids[i : i + 1]).logits
+            torch.testing.assert_close(mixed[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+        ak.set_active(model, ["a"])
+        other = model(ids[2:3]).logits  # the experts' adapters do change the answer
+        assert (other - mixed[2:3]).abs().max() > 1e-3
+    assert all("_ak_route" not in m.__dict__ for m in model.modules())  # left the context clean
