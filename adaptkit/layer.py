@@ -62,12 +62,14 @@ class Adapter(nn.Module):
     unmerge_weight(layer, w32) its inverse (default: w32 - delta; DoRA overrides both)
     attach(layer)              once, on joining the layer (residual inits change W here)
     layer_state() / load_layer_state(state, path)  per-layer JSON saved in the file (a rank)
+    update_weight(w, layer)    on a "param" base, the weight its module sees (default: w + delta)
     base_forward(x, layer)     the base output, when ``fuses_base`` and first in the active set
     """
 
     merged: bool = False
     # True: when first in the active set, ``base_forward(x, layer)`` computes the base output
-    # (DoRA pushes its A rows through the same GEMM as x; see methods/dora.py)
+    # (DoRA pushes its A rows through the same GEMM as x; LoRA runs base and update as one
+    # autograd node, methods/lora_fused.py)
     fuses_base: bool = False
 
     def update(self, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
