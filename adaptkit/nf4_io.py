@@ -26,7 +26,7 @@ from .inject import check_model, state
 from .io import _full, _is_sharded, json_object, key_problems, read_safetensors, write_safetensors
 from .layer import adapted_layers, base_kind
 from .nf4 import NF4State
-from .nf4_linear import DTYPE_NAMES, DTYPES, NF4Linear, check_settings
+from .nf4_linear import DTYPE_NAMES, DTYPES, NF4Linear, check_settings, packed_bytes
 from .spec import _as_tuple
 from .targets import select_paths
 
@@ -113,7 +113,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
             continue
         tensors[k] = _full(t)
     for p, m in nf4.items():
-        tensors[_key(p, "weight")] = _full(m.weight).view(-1, 1)  # bitsandbytes: [ceil(n/2), 1]
+        flat = packed_bytes(_full(m.weight), m.in_features * m.out_features)  # [ceil(n/2)]
+        tensors[_key(p, "weight")] = flat.view(-1, 1)  # bitsandbytes: [ceil(n/2), 1]
         st = dataclasses.replace(m.state(), absmax=_full(m.absmax))
         tensors.update(st.to_tensors(prefix=_key(p, "weight")))
         layers[p] = {"compute_dtype": DTYPE_NAMES[m.compute_dtype]}

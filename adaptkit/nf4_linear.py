@@ -8,7 +8,10 @@ The base W (out, in) is held in NF4 (:mod:`adaptkit.nf4`, bit-identical to bitsa
 :class:`NF4Linear` as frozen Parameters (``weight``, ``absmax``: FSDP2 shards and gathers
 them; docs/ARCHITECTURE.md, "Sharded NF4") and two buffers:
 
-    weight         uint8 [ceil(out*in/2)]    two 4-bit codes per byte, first in the high nibble
+    weight         uint8 [nb, blocksize/2]   two 4-bit codes per byte, first in the high nibble;
+                                             a row per block (FSDP2 shards whole blocks), the
+                                             last row zero-padded; packed() = the ceil(out*in/2)
+                                             bytes in bitsandbytes' order, what state_dict holds
     absmax         fp32 [nb], nb = ceil(out*in/blocksize); with double quantisation uint8 codes
     nested_absmax  fp32 [ceil(nb/256)]       (double quantisation only)
     offset         fp32 []                   (double quantisation only)
@@ -72,14 +75,14 @@ class _NF4LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, layer):
         ctx.layer = layer
-        return nf4_matmul.linear(x, layer.weight, layer.state(), layer.compute_dtype, bias)
+        return nf4_matmul.linear(x, layer.packed(), layer.state(), layer.compute_dtype, bias)
 
     @staticmethod
     def backward(ctx, g):
         layer, gx = ctx.layer, None  # autocast may have run the forward in g's dtype:
         if ctx.needs_input_grad[0]:  # g (..., out) @ W (out, in), W cast as autocast did
             gx = (
-                nf4_matmul.grad_input(g, layer.weight, layer.state(), g.dtype)
+                nf4_matmul.grad_input(g, layer.packed(), layer.state(), g.dtype)
                 if g.dtype == layer.compute_dtype
                 else g @ layer.dequantize().to(g.dtype)
             )
@@ -96,8 +99,25 @@ def nf4_forward(layer: NF4Linear, x: torch.Tensor, bias: torch.Tensor | None) ->
     if torch.is_grad_enabled() and (xc.requires_grad or (b is not None and b.requires_grad)):
         y = _NF4LinearFn.apply(xc, b, layer)
     else:
-        y = nf4_matmul.linear(xc, layer.weight, layer.state(), cd, b)
+        y = nf4_matmul.linear(xc, layer.packed(), layer.state(), cd, b)
     return y.to(x.dtype)
+
+
+def block_rows(packed: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """uint8 [ceil(n/2)] packed bytes -> (nblocks, blocksize/2), one row per quantisation block
+    (a view; a copy zero-padding the last row where the last block is partial)."""
+    half = blocksize // 2
+    rows = -(-packed.numel() // half)
+    if packed.numel() == rows * half:
+        return packed.view(rows, half)  # [ceil(n/2)] -> (nblocks, blocksize/2)
+    out = packed.new_zeros(rows * half)
+    out[: packed.numel()] = packed
+    return out.view(rows, half)  # [nblocks * blocksize/2] -> (nblocks, blocksize/2)
+
+
+def packed_bytes(rows: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`block_rows` for ``n`` weights: the first ceil(n/2) bytes, a view."""
+    return rows.reshape(-1)[: (n + 1) // 2]  # (nblocks, blocksize/2) -> [ceil(n/2)]
 
 
 class NF4Linear(nn.Linear):
@@ -131,7 +151,9 @@ class NF4Linear(nn.Linear):
         n = self.in_features * self.out_features
         nb = -(-n // blocksize)
         kw = dict(device=device)
-        self.weight = QuantParam(torch.zeros((n + 1) // 2, dtype=torch.uint8, **kw))
+        # (nblocks, blocksize/2): one row per block, so FSDP2's dim-0 shards (like absmax's)
+        # hold whole blocks; the last row is zero-padded past the ceil(n/2) packed bytes
+        self.weight = QuantParam(torch.zeros(nb, blocksize // 2, dtype=torch.uint8, **kw))
         self.register_parameter("bias", nn.Parameter(torch.zeros(out_features, dtype=dtype, **kw)) if bias else None)
         self.absmax = QuantParam(torch.zeros(nb, dtype=torch.uint8 if double_quant else torch.float32, **kw))
         # tiny (1/16384 of the weights): buffers, replicated under FSDP2 (offset is 0-d)
@@ -173,15 +195,20 @@ class NF4Linear(nn.Linear):
         return q.train(lin.training)
 
     def set_packed(self, packed: torch.Tensor, st: NF4State) -> NF4Linear:
-        """Take ``packed`` uint8 [ceil(n/2)] and ``st``'s absmax / nested state as this
-        layer's tensors (not copied); ``st`` must match the layer's shape and settings."""
-        self.weight, self.absmax = QuantParam(packed), QuantParam(st.absmax)
+        """Take ``packed`` uint8 [ceil(n/2)] (as rows of whole blocks, copied only where the
+        last block is partial) and ``st``'s absmax / nested state as this layer's tensors;
+        ``st`` must match the layer's shape and settings."""
+        self.weight, self.absmax = QuantParam(block_rows(packed, self.blocksize)), QuantParam(st.absmax)
         self.nested_absmax, self.offset = st.nested_absmax, st.offset
         return self
 
     @property
     def double_quant(self) -> bool:
         return self.nested_absmax is not None
+
+    def packed(self) -> torch.Tensor:
+        """The packed bytes uint8 [ceil(n/2)] (bitsandbytes' order): a view of ``weight``."""
+        return packed_bytes(self.weight, self.in_features * self.out_features)
 
     def state(self) -> NF4State:
         return NF4State(
@@ -197,7 +224,7 @@ class NF4Linear(nn.Linear):
     def dequantize(self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """The dense (out, in) weight in ``dtype`` (default: the compute dtype); written into
         ``out`` (contiguous (out, in), e.g. rows of a larger tile) when given."""
-        return dequantize_nf4(self.weight, self.state(), dtype or self.compute_dtype, out=out)
+        return dequantize_nf4(self.packed(), self.state(), dtype or self.compute_dtype, out=out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nf4_forward(self, x, self.bias)
@@ -220,11 +247,21 @@ class NF4Linear(nn.Linear):
 
         return super()._apply(move if keep else fn, recurse)
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        w = destination.get(prefix + "weight")
+        if w is not None and not hasattr(w, "placements"):  # a DTensor shard keeps its block rows
+            destination[prefix + "weight"] = self.packed()  # [ceil(n/2)], bitsandbytes' order
+
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
         w = state_dict.get(prefix + "weight")
-        if isinstance(w, torch.Tensor) and w.is_floating_point():
+        n = self.in_features * self.out_features
+        if isinstance(w, torch.Tensor) and w.dtype == torch.uint8 and w.dim() == 1 and w.numel() == (n + 1) // 2:
+            # flat packed bytes (an older checkpoint, bitsandbytes' order): as block rows
+            state_dict = {**state_dict, prefix + "weight": block_rows(w, self.blocksize)}
+        elif isinstance(w, torch.Tensor) and w.is_floating_point():
             shape = (self.out_features, self.in_features)
             if tuple(w.shape) != shape:
                 error_msgs.append(
@@ -236,7 +273,7 @@ class NF4Linear(nn.Linear):
                 w.to(self.weight.device), self.blocksize, self.double_quant, self.nested_blocksize
             )
             state_dict = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
-            state_dict[prefix + "weight"] = packed
+            state_dict[prefix + "weight"] = block_rows(packed, self.blocksize)
             for k in _STATE:
                 if getattr(st, k) is not None:
                     state_dict[prefix + k] = getattr(st, k)

@@ -101,6 +101,9 @@ def _worker(rank, store, out):
             fully_shard(net, mesh=mesh)
             assert type(net[0].weight).__name__ == "DTensor" and net[0].weight.dtype == torch.uint8
             held = _nf4_bytes(net)
+            # (packed rows, absmax entries) held here per NF4 layer: the same blocks
+            blocks = [(_local(m.weight).shape[0], _local(m.absmax).shape[0]) for m in net.modules()
+                      if isinstance(m, NF4Linear)]
             _train(net, x, y)
             state = {n: p.detach().full_tensor() for n, p in net.named_parameters() if p.requires_grad}
             nf4 = {k: v.full_tensor() if hasattr(v, "full_tensor") else v.clone()  # gathered
@@ -109,7 +112,8 @@ def _worker(rank, store, out):
             ak.save(net, path if rank == 0 else f"{path}.rank{rank}")  # every rank; rank 0 writes
             base = os.path.join(out, f"{name}_base.safetensors")
             ak.nf4.save(net, base if rank == 0 else f"{base}.rank{rank}")  # likewise
-            torch.save({"state": state, "nf4": nf4, "held": held}, os.path.join(out, f"{name}_rank{rank}.pt"))
+            torch.save({"state": state, "nf4": nf4, "held": held, "blocks": blocks},
+                       os.path.join(out, f"{name}_rank{rank}.pt"))
             dist.barrier()
         # bf16 mixed precision casts floating Parameters only: the uint8 bytes and absmax
         # codes are gathered as they are (cast to bf16, the layer would take them for a
@@ -159,11 +163,20 @@ def test_fsdp2_shards_the_nf4_base_and_trains_like_one_process(tmp_path):
                     for t in (m.nested_absmax, m.offset) if t is not None)
         assert sum(held) == full + (WORLD - 1) * small
         assert all(h <= full / WORLD + 64 for h in held), held  # about 1/2 each
+        # whole blocks per shard: each rank's packed rows are the blocks of its absmax entries
+        # (13 and 8 blocks: 7 + 6 and 4 + 4), and the ranks together hold every block once
+        for layer, q in enumerate(m for m in ref.modules() if isinstance(m, NF4Linear)):
+            rows = [r["blocks"][layer] for r in ranks]
+            assert all(a == b for a, b in rows) and sum(a for a, _ in rows) == q.absmax.numel(), rows
         nf4_ref = {k: v for k, v in ref.state_dict().items() if k in ranks[0]["nf4"]}
         assert len(nf4_ref) == len(ranks[0]["nf4"]) == 4 + 4 * ("nodq" not in name)
         for r in ranks:  # gathered shards == the single-process bytes and state, exactly
             for k, v in nf4_ref.items():
-                assert r["nf4"][k].dtype == v.dtype and torch.equal(r["nf4"][k], v), (name, k)
+                got = r["nf4"][k]
+                if k.endswith(".weight"):  # gathered block rows; the state dict holds the packed bytes
+                    assert not got.reshape(-1)[v.numel():].any()
+                    got = got.reshape(-1)[: v.numel()]
+                assert got.dtype == v.dtype and torch.equal(got, v), (name, k)
         before = {n: p.detach().clone() for n, p in ref.named_parameters() if p.requires_grad}
         _train(ref, X, Y)  # one process, the full batch
         want = {n: p.detach() for n, p in ref.named_parameters() if p.requires_grad}
@@ -203,7 +216,9 @@ def test_nf4_state_is_frozen_parameters():
     net = _model("qlora")
     q = net[0]
     assert isinstance(q.weight, QuantParam) and isinstance(q.absmax, QuantParam)
-    assert q.weight.shape == (400,) and q.absmax.shape == (13,) and q.nested_absmax.shape == (1,)
+    assert q.weight.shape == (13, 32) and q.absmax.shape == (13,) and q.nested_absmax.shape == (1,)  # block rows
+    assert net.state_dict()["0.weight"].shape == (400,)  # the state dict keeps the packed bytes
+    assert torch.equal(q.packed(), q.weight.reshape(-1)[:400]) and not q.weight.reshape(-1)[400:].any()
     assert dict(net.named_buffers()).keys() == {"0.nested_absmax", "0.offset", "2.nested_absmax", "2.offset"}
     net.requires_grad_(True)
     assert not q.weight.requires_grad and not q.absmax.requires_grad and q.bias.requires_grad

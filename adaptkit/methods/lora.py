@@ -156,7 +156,7 @@ class LoRAAdapter(Adapter):
         if w is None:
             return layer.base.forward(layer, x)
         packed = not w.is_floating_point()  # NF4: fused only where W is dequantised whole
-        if (not self._nf4_fusable(x, w, layer)) if packed else (w.requires_grad or w.dtype != x.dtype):
+        if (not self._nf4_fusable(x, layer)) if packed else (w.requires_grad or w.dtype != x.dtype):
             return layer.base.forward(layer, x)
         if tracing() or autocast_on(x.device.type):
             return layer.base.forward(layer, x)
@@ -165,7 +165,7 @@ class LoRAAdapter(Adapter):
         return y
 
     @staticmethod
-    def _nf4_fusable(x: torch.Tensor, packed: torch.Tensor, layer: AdaptedLayer) -> bool:
+    def _nf4_fusable(x: torch.Tensor, layer: Any) -> bool:  # an adapted NF4Linear
         from .. import nf4_matmul  # the NF4 kernels load with the NF4 base
 
         if layer._buffers.get("merged_weight") is not None:
@@ -176,7 +176,7 @@ class LoRAAdapter(Adapter):
         if b is not None and b.dtype != x.dtype:
             return False
         # the plain NF4 op keeps W out of memory (row chunks) where that is faster: leave it
-        return nf4_matmul._layout(packed, layer.state(), x.numel() // x.shape[-1]) is None  # type: ignore[operator]  # NF4Linear.state
+        return nf4_matmul._layout(layer.packed(), layer.state(), x.numel() // x.shape[-1]) is None
 
     def update(self, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
         if self._fused is not None:

@@ -102,10 +102,11 @@ def test_nf4linear_forward_equals_dequantised_dense(shape, blocksize, double_qua
     for cd in (None, torch.bfloat16):
         q = NF4Linear.from_linear(lin, blocksize=blocksize, double_quant=double_quant, compute_dtype=cd)
         assert q.bias is lin.bias and q.weight.dtype == torch.uint8
-        assert q.weight.numel() == math.ceil(in_f * out_f / 2)
+        assert q.packed().numel() == math.ceil(in_f * out_f / 2)
+        assert q.weight.shape == (math.ceil(in_f * out_f / blocksize), blocksize // 2)  # a row per block
         assert q.absmax.numel() == math.ceil(in_f * out_f / blocksize)
         packed, st = quantize_nf4(lin.weight.detach(), blocksize, double_quant)
-        assert torch.equal(q.weight, packed) and torch.equal(q.absmax, st.absmax)
+        assert torch.equal(q.packed(), packed) and torch.equal(q.absmax, st.absmax)
         c = cd or torch.float32
         w = q.dequantize()
         assert w.dtype == c and torch.equal(w, dequantize_nf4(packed, st, c))
@@ -408,7 +409,7 @@ def test_nf4_file_layout_is_bitsandbytes():
                                                         "b": {"compute_dtype": "float32"}}
     n = 37 * 24
     assert tensors["a.weight"].dtype == torch.uint8 and tensors["a.weight"].shape == ((n + 1) // 2, 1)
-    assert torch.equal(tensors["a.weight"].reshape(-1), q.a.weight)
+    assert torch.equal(tensors["a.weight"].reshape(-1), q.a.packed())
     assert torch.equal(tensors["a.weight.absmax"], q.a.absmax)
     assert torch.equal(tensors["a.weight.nested_absmax"], q.a.nested_absmax)
     assert torch.equal(tensors["a.weight.quant_map"], NF4_CODE)
@@ -653,7 +654,7 @@ def test_inject_refusals_leave_model_unchanged():
             ak.inject(mixed, spec)
         assert _snapshot(mixed)[1] == types and _same_tensors(sd, _snapshot(mixed)[0])
     ak.inject(mixed, ak.QLoRA(rank=2, targets="a|b", blocksize=32))  # matching: adopted
-    assert mixed.a.blocksize == 32 and torch.equal(mixed.b.weight, sd["b.weight"])
+    assert mixed.a.blocksize == 32 and torch.equal(mixed.b.packed(), sd["b.weight"])
     # a float layer that already carries adapters is not quantised under them
     lm = _net()
     ak.inject(lm, ak.LoRA(rank=2, targets="a"))
