@@ -1,6 +1,7 @@
 """Shared test fixtures: small bases of every kind, GPT-2-style Conv1D without transformers."""
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -59,3 +60,36 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+class Counter:
+    """A dynamo backend counting the graphs it is handed (each compile and recompile)."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return gm.forward
+
+
+def launch(worker, args, nprocs: int, deadline_s: float, what: str) -> None:
+    """Run ``worker(rank, *args)`` in ``nprocs`` spawned processes; fail the test (killing
+    them) if they are still running after ``deadline_s`` (a hung collective)."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + deadline_s
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{what} workers still running after {deadline_s} s (hang?)")
+
+
+def read_safetensors(path) -> tuple[dict, dict]:
+    """(tensors, metadata) of a safetensors file."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()

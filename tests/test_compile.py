@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import adaptkit as ak
-from conftest import Conv1D, randomise_adapters
+from conftest import Conv1D, Counter, randomise_adapters
 
 
 class Net(nn.Module):
@@ -65,15 +65,6 @@ def _x():
     return torch.randn(2, 3, 4, 4)
 
 
-class Counter:
-    """A dynamo backend that counts the graphs it is handed (each compile and recompile)."""
-
-    def __init__(self):
-        self.graphs = 0
-
-    def __call__(self, gm, example_inputs):
-        self.graphs += 1
-        return gm.forward
 
 
 @pytest.mark.parametrize("method", sorted(SPECS))

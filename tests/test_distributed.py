@@ -9,20 +9,17 @@ One spawn per parallelism runs both methods (process start-up dominates); a dead
 the workers so a hang fails the test instead of blocking CI."""
 import datetime
 import os
-import time
 
 import pytest
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 
 import adaptkit as ak
-from conftest import randomise_adapters
+from conftest import launch, randomise_adapters, read_safetensors
 
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch built without distributed / gloo", allow_module_level=True)
-import torch.multiprocessing as mp  # noqa: E402
 
 WORLD, STEPS, LR, DEADLINE_S = 2, 4, 5e-2, 150
 METHODS = {"lora": lambda: ak.LoRA(rank=4, alpha=6.0, targets=r"0|2"),
@@ -93,19 +90,7 @@ def _worker(rank, kind, store, out):
 
 
 def _launch(kind, tmp_path):
-    ctx = mp.start_processes(_worker, args=(kind, str(tmp_path / "store"), str(tmp_path)),
-                             nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"{kind} workers still running after {DEADLINE_S} s (hang?)")
-
-
-def _read(path):
-    with safe_open(path, framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    launch(_worker, (kind, str(tmp_path / "store"), str(tmp_path)), WORLD, DEADLINE_S, kind)
 
 
 def _check(kind, tmp_path):
@@ -123,8 +108,8 @@ def _check(kind, tmp_path):
                 assert torch.equal(ranks[r][n], ranks[0][n]), (method, n, r)
             torch.testing.assert_close(ranks[0][n], want[n], rtol=1e-6, atol=5e-7, msg=f"{method} {n}")
             assert not torch.equal(want[n], _adapter_state(_model(method))[n])  # it did train
-        got, meta = _read(tmp_path / f"{kind}_{method}.safetensors")
-        ref_t, ref_meta = _read(tmp_path / f"single_{method}.safetensors")
+        got, meta = read_safetensors(tmp_path / f"{kind}_{method}.safetensors")
+        ref_t, ref_meta = read_safetensors(tmp_path / f"single_{method}.safetensors")
         assert meta == ref_meta and set(got) == set(ref_t)
         assert not list(tmp_path.glob(f"{kind}_{method}.safetensors.rank*"))  # only rank 0 wrote
         for k in ref_t:

@@ -16,22 +16,19 @@ import copy
 import datetime
 import os
 import pickle
-import time
 
 import pytest
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 
 import adaptkit as ak
 from adaptkit.nf4_linear import NF4Linear
 from adaptkit.nf4_state import QuantParam
-from conftest import randomise_adapters
+from conftest import launch, randomise_adapters, read_safetensors
 
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch built without distributed / gloo", allow_module_level=True)
-import torch.multiprocessing as mp  # noqa: E402
 
 WORLD, STEPS, LR, DEADLINE_S = 2, 4, 5e-2, 150
 SPECS = {
@@ -130,19 +127,7 @@ def _worker(rank, store, out):
 
 
 def _launch(tmp_path):
-    ctx = mp.start_processes(_worker, args=(str(tmp_path / "store"), str(tmp_path)),
-                             nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"FSDP2 workers still running after {DEADLINE_S} s (hang?)")
-
-
-def _read(path):
-    with safe_open(path, framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    launch(_worker, (str(tmp_path / "store"), str(tmp_path)), WORLD, DEADLINE_S, "FSDP2")
 
 
 def test_fsdp2_shards_the_nf4_base_and_trains_like_one_process(tmp_path):
@@ -190,7 +175,7 @@ def test_fsdp2_shards_the_nf4_base_and_trains_like_one_process(tmp_path):
         print(f"{name}: max |adapter FSDP2 - one process| = {worst:.2e}")
         assert not list(tmp_path.glob(f"{name}*.rank*"))  # rank 0 alone wrote
         ak.nf4.save(ref, tmp_path / "single_base.safetensors")
-        got, want_base = _read(tmp_path / f"{name}_base.safetensors"), _read(tmp_path / "single_base.safetensors")
+        got, want_base = read_safetensors(tmp_path / f"{name}_base.safetensors"), read_safetensors(tmp_path / "single_base.safetensors")
         assert got[1] == want_base[1] and got[0].keys() == want_base[0].keys()
         for k, v in want_base[0].items():  # the gathered NF4 file is the single-process one
             assert got[0][k].dtype == v.dtype and torch.equal(got[0][k], v), (name, k)

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 import adaptkit as ak
 from adaptkit.merge import unmerge
-from conftest import Conv1D, randomise_adapters
+from conftest import Conv1D, Counter, randomise_adapters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TOL = 1e-5
@@ -71,15 +71,6 @@ def assert_same(m, snap):
         assert torch.equal(sd[k], v), k
 
 
-class Counter:
-    """A dynamo backend counting the graphs it is handed (each compile and recompile)."""
-
-    def __init__(self):
-        self.graphs = 0
-
-    def __call__(self, gm, example_inputs):
-        self.graphs += 1
-        return gm.forward
 
 
 SLOTS = {  # slot spec, then three files of other ranks / alphas it takes
