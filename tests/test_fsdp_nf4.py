@@ -122,6 +122,9 @@ def _worker(rank, store, out):
         y_mp = net(x)
         y_mp.float().pow(2).mean().backward()
         torch.save(y_mp.detach(), os.path.join(out, f"mp_rank{rank}.pt"))
+        # both ranks past their last collective (the backward's reduce-scatter) before either
+        # tears gloo down: without it a rank could exit mid-collective (SIGABRT, about 1 run in 6)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
