@@ -93,3 +93,13 @@ def read_safetensors(path) -> tuple[dict, dict]:
 
     with safe_open(path, framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def quick_exit() -> None:
+    """End a spawned gloo worker whose results are written and whose ranks have met at a final
+    barrier, without C++ teardown: process-group destruction / interpreter exit after FSDP2
+    aborted now and then ("terminate called without an active exception", SIGABRT: about 1
+    run in 6 of the two gloo test files here), failing a test whose work had all succeeded."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 import adaptkit as ak
-from conftest import launch, randomise_adapters, read_safetensors
+from conftest import launch, quick_exit, randomise_adapters, read_safetensors
 
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
@@ -85,6 +85,7 @@ def _worker(rank, kind, store, out):
                 ak.save(net, path if rank == 0 else f"{path}.rank{rank}")
             torch.save(state, os.path.join(out, f"{kind}_{method}_rank{rank}.pt"))
             dist.barrier()
+        quick_exit()
     finally:
         dist.destroy_process_group()
 

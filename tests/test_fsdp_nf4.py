@@ -24,7 +24,7 @@ import torch.nn as nn
 import adaptkit as ak
 from adaptkit.nf4_linear import NF4Linear
 from adaptkit.nf4_state import QuantParam
-from conftest import launch, randomise_adapters, read_safetensors
+from conftest import launch, quick_exit, randomise_adapters, read_safetensors
 
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
@@ -122,9 +122,8 @@ def _worker(rank, store, out):
         y_mp = net(x)
         y_mp.float().pow(2).mean().backward()
         torch.save(y_mp.detach(), os.path.join(out, f"mp_rank{rank}.pt"))
-        # both ranks past their last collective (the backward's reduce-scatter) before either
-        # tears gloo down: without it a rank could exit mid-collective (SIGABRT, about 1 run in 6)
-        dist.barrier()
+        dist.barrier()  # both ranks past their last collective (the backward's reduce-scatter)
+        quick_exit()
     finally:
         dist.destroy_process_group()
 
