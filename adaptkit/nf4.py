@@ -38,8 +38,6 @@ NF4 weight that never hold the dense weight live in :mod:`adaptkit.nf4_matmul`.
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import torch
 
@@ -92,26 +90,6 @@ def _alloc(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if device.type != "cpu" or n * dtype.itemsize < _HUGE:
         return torch.empty(n, dtype=dtype, device=device)
     return torch.from_numpy(np.empty(n, dtype=_NP[dtype])).view(dtype)  # [n] (16-bit: bit view)
-
-
-_LOCAL = threading.local()
-
-
-def scratch(tag: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """[n] uninitialised: on CPU one buffer per thread, ``tag`` and dtype, grown to the largest
-    ``n`` asked and reused; elsewhere a fresh tensor (CUDA's caching allocator reuses already).
-    glibc gives freed blocks of this size (~128 KiB up) back to the OS, so a fresh tensor per
-    call pays a first-touch page fault on every page: measured 4x the decoding itself (bf16
-    512x512: 1050 vs 240 us; docs/ARCHITECTURE.md, "NF4 on CPU"). The caller uses it for one
-    op and lets nothing keep it (see :func:`dequantize_transient`)."""
-    if device.type != "cpu":
-        return torch.empty(n, dtype=dtype, device=device)
-    pool = _LOCAL.__dict__.setdefault("pool", {})
-    t = pool.get((tag, dtype))
-    if t is None or t.numel() < n:
-        t = pool[(tag, dtype)] = None  # free the old one before the larger allocation
-        t = pool[(tag, dtype)] = _alloc(n, dtype, device)
-    return t[:n]
 
 
 _B = torch.arange(256)
@@ -265,8 +243,8 @@ def dequantize_nf4(
     per = max(1, _CHUNK // bs)
     c = min(per, nfull) * bs
     if nfull:
-        k = scratch("nf4.index", c // 2, torch.int32, dev)
-        buf = None if dtype == torch.float32 else scratch("nf4.fp32", c, torch.float32, dev)
+        k = torch.empty(c // 2, dtype=torch.int32, device=dev)
+        buf = None if dtype == torch.float32 else torch.empty(c, dtype=torch.float32, device=dev)
         for b0 in range(0, nfull, per):  # loop over chunks of `per` blocks
             b1 = min(b0 + per, nfull)
             # [1, m/2] bytes, [1, blocks] absmax -> [1, m] of out
@@ -283,19 +261,6 @@ def dequantize_nf4(
         tail = pairs[pb[nfull * bs // 2 :].long()].view(torch.float32)[: n - nfull * bs]
         out[nfull * bs :] = tail * absmax[-1]
     return out.view(state.shape) if res is None else res  # [n] -> original shape
-
-
-def dequantize_transient(
-    packed: torch.Tensor, state: NF4State, dtype: torch.dtype, *operands: torch.Tensor | None
-) -> torch.Tensor:
-    """:func:`dequantize_nf4` for one op on ``operands`` (e.g. ``x W^T``): into the per-thread
-    :func:`scratch` when that op cannot keep W (CPU, and autograd not recording any operand),
-    else a fresh tensor. The result is overwritten by the next call on this thread."""
-    keeps = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in operands)
-    if keeps or packed.device.type != "cpu":
-        return dequantize_nf4(packed, state, dtype)
-    w = scratch("nf4.dense", state.numel, dtype, packed.device)
-    return dequantize_nf4(packed, state, dtype, out=w).view(state.shape)
 
 
 # The model-level NF4 API (adaptkit.nf4.NF4Linear / quantize / save / load / drift_report)

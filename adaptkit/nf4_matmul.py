@@ -47,7 +47,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .nf4 import DYNAMIC_CODE, NF4_CODE, NF4State, _pair_table, decode_blocks, dequantize_transient, scratch
+from .nf4 import DYNAMIC_CODE, NF4_CODE, NF4State, _pair_table, decode_blocks, dequantize_nf4
 
 __all__ = ["linear", "grad_input", "use_compile", "GEMV_TOKENS", "GRAD_ROW_TOKENS", "MAX_TOKENS"]
 
@@ -194,18 +194,18 @@ def _row_chunks(p3: torch.Tensor, state: NF4State, dtype: torch.dtype):
     a = state.block_absmax().view(out_f, nb)  # (nblocks,) -> (out, in/bs) fp32
     r = max(1, min(out_f, _CHUNK // in_f))
     dev = p3.device
-    buf = scratch("nf4.rows", r * in_f, dtype, dev)
-    tmp = (
+    buf = torch.empty(r * in_f, dtype=dtype, device=dev)
+    scratch = (
         _pair_table(dev),
-        scratch("nf4.rows.index", r * in_f // 2, torch.int32, dev),
-        None if dtype == torch.float32 else scratch("nf4.rows.fp32", r * in_f, torch.float32, dev),
+        torch.empty(r * in_f // 2, dtype=torch.int32, device=dev),
+        None if dtype == torch.float32 else torch.empty(r * in_f, device=dev),
     )
     for r0 in range(0, out_f, r):  # loop over chunks of rows, not elements
         n = min(r, out_f - r0)
         # (R, nb, bs/2) -> (R, in/2) bytes, decoded into (R, in)
         yield (
             r0,
-            decode_blocks(p3[r0 : r0 + n].reshape(n, nb * hb), a[r0 : r0 + n], buf[: n * in_f].view(n, in_f), *tmp),
+            decode_blocks(p3[r0 : r0 + n].reshape(n, nb * hb), a[r0 : r0 + n], buf[: n * in_f].view(n, in_f), *scratch),
         )
 
 
@@ -215,7 +215,7 @@ def linear(
     """``x Ŵ^T + bias`` in ``dtype`` for ``x`` (..., in) in ``dtype`` (see the module doc)."""
     p3 = _layout(packed, state, x.numel() // max(1, x.shape[-1]))
     if p3 is None:
-        return F.linear(x, dequantize_transient(packed, state, dtype, x, bias), bias)
+        return F.linear(x, dequantize_nf4(packed, state, dtype), bias)
     out_f, in_f = state.shape
     x2 = x.reshape(-1, in_f)  # (..., in) -> (N, in)
     n = x2.shape[0]
@@ -239,11 +239,11 @@ def grad_input(g: torch.Tensor, packed: torch.Tensor, state: NF4State, dtype: to
     n = g.numel() // max(1, g.shape[-1])
     p3 = _layout(packed, state, n) if n <= GRAD_ROW_TOKENS else None
     if p3 is None:
-        return g @ dequantize_transient(packed, state, dtype, g)  # (..., out) @ (out, in)
+        return g @ dequantize_nf4(packed, state, dtype)  # (..., out) @ (out, in)
     out_f, in_f = state.shape
     g2 = g.reshape(-1, out_f).float()  # (..., out) -> (N, out)
     gx = g2.new_zeros(n, in_f)
-    w32 = None if dtype == torch.float32 else scratch("nf4.rows32", min(_CHUNK, out_f * in_f), torch.float32, g.device)
+    w32 = None if dtype == torch.float32 else torch.empty(min(_CHUNK, out_f * in_f), device=g.device)
     for r0, w in _row_chunks(p3, state, dtype):
         if w32 is not None:  # Ŵ_rows in fp32, exactly
             w = w32[: w.numel()].view(w.shape).copy_(w)

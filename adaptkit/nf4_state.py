@@ -93,14 +93,15 @@ class NF4State:
         nested, offset = self.nested_absmax, self.offset
         if nested is None or offset is None:
             return self.absmax
-        code = _on("dynamic", DYNAMIC_CODE, self.absmax.device)[self.absmax.long()]  # [nblocks]
+        q = self.absmax  # uint8 codes [nblocks]; index_select on int32 is ~4x uint8 -> long + indexing
+        code = torch.index_select(_on("dynamic", DYNAMIC_CODE, q.device), 0, q.int())  # [nblocks], fresh
         nb = self.nested_blocksize
         full = code.numel() // nb * nb
-        out = torch.empty_like(code)  # [nblocks]; bnb multiplies in fp32, then adds offset
-        # [nested blocks, nb] * [nested blocks, 1] -> [nested blocks, nb]
-        out[:full].view(-1, nb).copy_(code[:full].view(-1, nb) * nested[: full // nb, None])
-        out[full:] = code[full:] * nested[full // nb :]  # partial nested block
-        return out.add_(offset)
+        # bnb multiplies in fp32, then adds the offset: [nested blocks, nb] * [nested blocks, 1]
+        code[:full].view(-1, nb).mul_(nested[: full // nb, None])
+        if full < code.numel():
+            code[full:].mul_(nested[full // nb :])  # partial nested block
+        return code.add_(offset)
 
     def to_tensors(self, prefix: str = "weight") -> dict[str, torch.Tensor]:
         """Tensors under bitsandbytes' ``QuantState.as_dict(packed=True)`` key names.

@@ -19,8 +19,7 @@ NF4 base (QLoRA): the forward dequantises W straight into the first ``out`` rows
 (out + r, in) tile whose last r rows are A, so one GEMM gives [x W^T + b | x A^T]
 (the tile is the dense W the plain path dequantises anyway; only A's r rows are added).
 Backward dequantises W again, as the plain NF4 path does (no dense copy kept for backward).
-The tile and the dense W are per-thread scratch on CPU (``adaptkit.nf4.scratch``: no page
-faults on a fresh buffer each call). The tile is for fp32 compute; bf16 / fp16 GEMMs on its
+The tile is for fp32 compute; bf16 / fp16 GEMMs on its
 (out + r)-row, strided result measured slower on CPU, so there W is dequantised alone and
 the float-W path below runs. A float W gets no tile: copying W into one each step (in the
 forward as [W; A], in the backward as [W | B]) measured slower than the skinny GEMMs it
@@ -37,7 +36,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..nf4 import dequantize_transient, scratch
+from ..nf4 import _alloc
 
 
 def autocast_on(device_type: str) -> bool:
@@ -60,10 +59,9 @@ def _zero(like: torch.Tensor) -> torch.Tensor:
 
 
 def _nf4_tile(layer, A: torch.Tensor) -> torch.Tensor:
-    """[deq(W); A] (out + r, in) in the compute dtype: W dequantised in place into the rows.
-    Per-thread scratch (adaptkit.nf4.scratch): only the GEMM right after reads it."""
+    """[deq(W); A] (out + r, in) in the compute dtype: W dequantised in place into the rows."""
     out_f, (r, in_f) = layer.out_features, A.shape
-    tile = scratch("lora.tile", (out_f + r) * in_f, A.dtype, A.device).view(out_f + r, in_f)
+    tile = _alloc((out_f + r) * in_f, A.dtype, A.device).view(out_f + r, in_f)  # huge pages when large
     layer.dequantize(A.dtype, out=tile[:out_f])  # (out, in) rows of the tile
     tile[out_f:] = A
     return tile
@@ -73,7 +71,7 @@ def _forward(x: torch.Tensor, w, bias, A: torch.Tensor, B: torch.Tensor, scale: 
     """(y (..., out), h (N, r)): the forward above without autograd. ``w`` None: NF4 ``layer``."""
     r = A.shape[0]
     if w is None and A.dtype != torch.float32:  # half-precision GEMMs of the tile measured slower
-        w = dequantize_transient(layer.packed(), layer.state(), A.dtype, x, bias)  # (out, in)
+        w = layer.dequantize(A.dtype)  # (out, in)
     if w is not None:  # a float W: a tile would copy W; the skinny x A^T GEMM is cheaper
         y = F.linear(x, w, bias)  # (..., out), fresh and contiguous
         y2 = y.view(-1, y.shape[-1])  # (..., out) -> (N, out)
@@ -115,7 +113,7 @@ class _LoRALinear(torch.autograd.Function):
         gh = g2 @ B if need[0] or need[2] else None  # (N, r), unscaled: s rides in the GEMMs below
         if need[0]:
             if w is None:  # NF4: dequantised again, as the plain NF4 backward does
-                w = dequantize_transient(ctx.layer.packed(), ctx.layer.state(), g2.dtype, g2)
+                w = ctx.layer.dequantize(g2.dtype)
             gx = (g2 @ w).addmm_(gh, A, alpha=s).view(ctx.xshape)  # (N, in) -> (..., in)
         if need[1]:
             gb = g2.sum(0)  # (out,)

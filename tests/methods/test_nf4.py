@@ -484,38 +484,3 @@ def test_nf4linear_chunked_forward_and_grads_equal_dense(small_chunks, cd):
         close(q.bias.grad.to(cd), dense.bias.grad, cd)
         q.bias.grad = dense.bias.grad = None
 
-
-# ---- per-thread scratch (adaptkit.nf4.scratch / dequantize_transient) ------------------------
-def test_transient_dense_is_reused_scratch_only_when_nothing_keeps_it():
-    import threading
-
-    from adaptkit.nf4 import dequantize_transient
-
-    w = torch.randn(96, 128)
-    packed, state = quantize_nf4(w, 64, True)
-    ref = dequantize_nf4(packed, state, torch.bfloat16)
-    a = dequantize_transient(packed, state, torch.bfloat16)
-    b = dequantize_transient(packed, state, torch.bfloat16)
-    assert torch.equal(a, ref) and a.shape == (96, 128)
-    assert a.data_ptr() == b.data_ptr()  # one buffer, reused: no fresh pages per call
-    x = torch.randn(4, 128, dtype=torch.bfloat16)
-    with torch.no_grad():  # autograd records nothing: scratch
-        assert dequantize_transient(packed, state, torch.bfloat16, x.requires_grad_()).data_ptr() == a.data_ptr()
-    kept = dequantize_transient(packed, state, torch.bfloat16, x)  # x requires grad: W could be saved
-    assert kept.data_ptr() != a.data_ptr() and torch.equal(kept, ref)
-    other = []  # another thread gets its own buffer (threads may decode at once)
-    t = threading.Thread(target=lambda: other.append(dequantize_transient(packed, state, torch.bfloat16)))
-    t.start()
-    t.join()
-    assert other[0].data_ptr() != a.data_ptr() and torch.equal(other[0], ref)
-
-
-def test_scratch_decode_stays_exact_across_sizes_and_dtypes():
-    # the shared scratch grows and is reused by layers of other sizes: results never mix
-    from adaptkit.nf4 import dequantize_transient
-
-    layers = [quantize_nf4(torch.randn(o, i), 64, dq) for o, i, dq in ((64, 64, True), (300, 128, False), (32, 64, True), (200, 256, False))]
-    for dt in (torch.float32, torch.bfloat16, torch.float16):
-        for packed, state in layers * 2:
-            got = dequantize_transient(packed, state, dt).clone()
-            assert torch.equal(got, dequantize_nf4(packed, state, dt))
