@@ -19,11 +19,11 @@ NF4 base (QLoRA): the forward dequantises W straight into the first ``out`` rows
 (out + r, in) tile whose last r rows are A, so one GEMM gives [x W^T + b | x A^T]
 (the tile is the dense W the plain path dequantises anyway; only A's r rows are added).
 Backward dequantises W again, as the plain NF4 path does (no dense copy kept for backward).
-The tile is for fp32 compute; bf16 / fp16 GEMMs on its
-(out + r)-row, strided result measured slower on CPU, so there W is dequantised alone and
-the float-W path below runs. A float W gets no tile: copying W into one each step (in the
-forward as [W; A], in the backward as [W | B]) measured slower than the skinny GEMMs it
-saves, in fp32 and more so in bf16 (Llama-shaped layers of benchmarks/bench_model.py).
+The tile is for fp32 compute; bf16 / fp16 GEMMs on its (out + r)-row, strided result
+measured slower on CPU, so there W is dequantised alone and the float-W path below runs.
+A float W gets no tile: copying W into one each step (in the forward as [W; A], in the
+backward as [W | B]) measured slower than the skinny GEMMs it saves, in fp32 and more so
+in bf16 (Llama-shaped layers of benchmarks/bench_model.py).
 
 Numerics: the same products as the plain path, summed in the GEMMs' own order; the results
 agree to fp32 (bf16) rounding. Not used (the plain path runs) under torch.compile, autocast,

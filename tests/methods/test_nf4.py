@@ -483,4 +483,3 @@ def test_nf4linear_chunked_forward_and_grads_equal_dense(small_chunks, cd):
         close(xa.grad, xb.grad.float(), cd)
         close(q.bias.grad.to(cd), dense.bias.grad, cd)
         q.bias.grad = dense.bias.grad = None
-
