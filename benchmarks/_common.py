@@ -554,11 +554,22 @@ def paired(res_a: dict, res_b: dict, mode: str) -> float | None:
     return statistics.median(x / y for x, y in zip(sa, sb))
 
 
+def paired_iqr(res_a: dict, res_b: dict, mode: str) -> list[float] | None:
+    """[q1, q3] of the per-round ratios behind :func:`paired`: how far one round's ratio
+    wanders on this machine (a target inside this band is met or missed by chance)."""
+    sa, sb = res_a.get(mode, {}).get("samples_ms"), res_b.get(mode, {}).get("samples_ms")
+    if not sa or not sb or len(sa) < 4:
+        return None
+    q = statistics.quantiles([x / y for x, y in zip(sa, sb)], n=4)
+    return [q[0], q[2]]
+
+
 def ratios(res: dict, pairs) -> dict[str, dict[str, float | None]]:
     """Per pair label: time ratio (of medians) of each mode, the paired train ratio and the
     train-step peak-memory ratio."""
     return {lab: {k: ratio(med(res[a], k), med(res[b], k)) for k in ("fwd", "bwd", "train")}
             | {"train_paired": paired(res[a], res[b], "train"),
+               "train_paired_iqr": paired_iqr(res[a], res[b], "train"),
                "train_flops": ratio(res[a].get("train_gflop"), res[b].get("train_gflop")),
                "peak": ratio(res[a].get("train_peak_mib"), res[b].get("train_peak_mib"))}
             for lab, a, b in pairs}
@@ -571,8 +582,11 @@ def print_results(title: str, res: dict, rat: dict, ratio_title: str) -> None:
                   res[n].get("train_peak_mib"), res[n].get("train_gflop"), res[n].get("trainable_params")]
                  for n in names])
     if rat:
-        print_table(ratio_title, ["pair", "fwd", "bwd", "train", "train paired", "train FLOPs", "peak"],
-                    [[lab, r["fwd"], r["bwd"], r["train"], r["train_paired"], r["train_flops"], r["peak"]]
+        print_table(ratio_title, ["pair", "fwd", "bwd", "train", "train paired", "paired IQR", "train FLOPs",
+                                  "peak"],
+                    [[lab, r["fwd"], r["bwd"], r["train"], r["train_paired"],
+                      "-" if not r.get("train_paired_iqr") else "{:.3f}-{:.3f}".format(*r["train_paired_iqr"]),
+                      r["train_flops"], r["peak"]]
                      for lab, r in rat.items()])
 
 

@@ -309,21 +309,23 @@ def main() -> None:
         r = rat.get(pair, {})
         return r.get("train_paired") or r.get("train")
 
-    def target(value, goal, strict=False):
-        return None if value is None else {"value": value, "target": goal,
+    def target(value, goal, strict=False, pair=None):
+        iqr = rat.get(pair, {}).get("train_paired_iqr") if pair else None
+        return None if value is None else {"value": value, "target": goal, "paired_iqr": iqr,
                                            "met": value < goal if strict else value <= goal}
     merged = checks.get("lora", {}).get("merged_vs_unmerged")
     verdict = {
-        "lora_train_vs_base": target(steady("lora: adaptkit/base"), TARGET_RATIO[args.dtype]),
-        "lora_train_vs_peft": target(steady("lora: adaptkit/peft"), PEFT_TARGET),
-        "qlora_train_vs_base": target(steady("qlora: adaptkit/base"), QLORA_TARGET),
-        "qlora_train_vs_peft": target(steady("qlora: adaptkit/peft"), PEFT_TARGET),
+        "lora_train_vs_base": target(steady("lora: adaptkit/base"), TARGET_RATIO[args.dtype], pair="lora: adaptkit/base"),
+        "lora_train_vs_peft": target(steady("lora: adaptkit/peft"), PEFT_TARGET, pair="lora: adaptkit/peft"),
+        "qlora_train_vs_base": target(steady("qlora: adaptkit/base"), QLORA_TARGET, pair="qlora: adaptkit/base"),
+        "qlora_train_vs_peft": target(steady("qlora: adaptkit/peft"), PEFT_TARGET, pair="qlora: adaptkit/peft"),
         "merged_vs_unmerged": target(merged, 1e-5, strict=True),
     }
     verdict = {k: v for k, v in verdict.items() if v is not None}
     if verdict:
         print("\nTargets (train step, paired ratios): " + "; ".join(
-            f"{k} {v['value']:.3g} ({'met' if v['met'] else 'MISSED'}, target {v['target']:g})"
+            f"{k} {v['value']:.3g} ({'met' if v['met'] else 'MISSED'}, target {v['target']:g}"
+            + (", rounds {:.3f}-{:.3f})".format(*v["paired_iqr"]) if v.get("paired_iqr") else ")")
             for k, v in verdict.items()))
     C.write_json(C.json_path(args, f"bench_model_{args.dtype}"), {
         "env": C.env_info(args.device, dtype=args.dtype, quick=args.quick),
