@@ -48,6 +48,7 @@ from .errors import AdaptkitError
 from .inject import check_name, set_active, state
 from .io import FORMAT, _version, adapter_tensors, load_tensors
 from .layer import Adapter, adapted_layers, stand_in_adapter
+from .merge import refuse_sharded
 from .methods.lora import LoRA
 from .methods.qlora_nf4 import QLoRA
 from .spec import AdapterSpec
@@ -240,6 +241,7 @@ def to_lora(
     check_name(model, new_name)
     src = st.specs[name]
     layers = [(p, layer) for p, layer in adapted_layers(model) if name in layer.adapters]
+    refuse_sharded(layers, "to_lora")
     params = [p for p, layer in layers if layer.kind == "param"]
     if params:
         raise AdaptkitError(

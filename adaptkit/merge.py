@@ -14,7 +14,21 @@ import torch.nn as nn
 
 from .errors import AdaptkitError
 from .inject import refresh, state
-from .layer import adapted_layers
+from .io import _is_sharded
+from .layer import AdaptedLayer, adapted_layers
+
+
+def refuse_sharded(layers: list[tuple[str, AdaptedLayer]], what: str) -> None:
+    """AdaptkitError if any adapted layer holds DTensor shards (FSDP2 ``fully_shard``, tensor
+    parallel): folding or decomposing an update needs whole weights, which no rank has."""
+    sharded = [p for p, layer in layers if any(_is_sharded(t) for t in layer.parameters())]
+    if sharded:
+        raise AdaptkitError(
+            f"{what}: the model is sharded (DTensor parameters at {sharded[:3]}, e.g. FSDP2 "
+            f"fully_shard) and this needs whole weights; nothing was changed. Call ak.save(model, "
+            f"path) on every rank, ak.load the file into an unsharded copy of the base model, and "
+            f"{what} that"
+        )
 
 
 def _check_finite(model: nn.Module) -> None:
@@ -49,6 +63,7 @@ def merge(model: nn.Module, unload: bool = True, requantize: bool = False) -> nn
     """
     st = state(model)
     layers = adapted_layers(model)
+    refuse_sharded(layers, "merge")
     if requantize and not (unload and any(not l.weight.is_floating_point() for _, l in layers)):
         raise AdaptkitError(
             "merge: requantize=True needs unload=True and a model with quantised "
@@ -89,7 +104,9 @@ def merge(model: nn.Module, unload: bool = True, requantize: bool = False) -> nn
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo ``merge(model, unload=False)`` on every layer."""
-    for _, layer in adapted_layers(model):
+    layers = adapted_layers(model)
+    refuse_sharded([(p, l) for p, l in layers if any(a.merged for a in l.adapters.values())], "unmerge")
+    for _, layer in layers:
         layer.unmerge()
     refresh(model)
     return model

@@ -3,7 +3,8 @@ FSDP2 (``torch.distributed.fsdp.fully_shard``), LoRA and DoRA, AdamW on a fixed 
 across the ranks. Every rank ends with the same adapter weights, and they equal
 single-process training on the full batch; the file saved from rank 0 (DDP: rank 0 alone
 calls ``ak.save``; FSDP2: every rank calls it, the shards are gathered and rank 0 writes)
-holds the same tensors and metadata as the single-process file.
+holds the same tensors and metadata as the single-process file. ``ak.merge`` / ``ak.to_lora``
+(and ``unmerge`` of a merged model) on a sharded model refuse by name and change nothing.
 
 One spawn per parallelism runs both methods (process start-up dominates); a deadline kills
 the workers so a hang fails the test instead of blocking CI."""
@@ -15,6 +16,7 @@ import torch
 import torch.nn as nn
 
 import adaptkit as ak
+from adaptkit.merge import unmerge
 from conftest import launch, quick_exit, randomise_adapters, read_safetensors
 
 dist = pytest.importorskip("torch.distributed")
@@ -83,6 +85,20 @@ def _worker(rank, kind, store, out):
                 state = _adapter_state(net, lambda t: t.full_tensor())
                 # every rank calls it (the gather is a collective); rank 0 alone writes
                 ak.save(net, path if rank == 0 else f"{path}.rank{rank}")
+                # merge / to_lora need whole weights: refused by name, nothing changed (unmerge
+                # with nothing merged stays a no-op)
+                assert unmerge(net) is net
+                for what, call in (("merge", lambda: ak.merge(net)),
+                                   ("to_lora", lambda: ak.to_lora(net, "default", rank=2))):
+                    try:
+                        call()
+                    except ak.AdaptkitError as e:
+                        assert f"{what}: the model is sharded" in str(e) and "'0'" in str(e), str(e)
+                    else:
+                        raise AssertionError(f"{what} on a sharded model did not refuse")
+                after = _adapter_state(net, lambda t: t.full_tensor())
+                assert all(torch.equal(after[k], state[k]) for k in state) and set(after) == set(state)
+                assert type(net[0]).__name__ != "Linear" and "default_lora" not in net[0].adapters
             torch.save(state, os.path.join(out, f"{kind}_{method}_rank{rank}.pt"))
             dist.barrier()
         quick_exit()
@@ -132,3 +148,33 @@ def test_fsdp2_matches_single_process(tmp_path):
     if not hasattr(fsdp, "fully_shard"):
         pytest.skip("torch.distributed.fsdp.fully_shard (FSDP2) needs torch >= 2.6")
     _check("fsdp2", tmp_path)
+
+
+def _merged_worker(rank, store):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=1,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        net = _model("lora")
+        ak.merge(net, unload=False)  # merged in place, then sharded: unmerge would need whole W
+        fully_shard(net, mesh=init_device_mesh("cpu", (1,)))
+        try:
+            unmerge(net)
+        except ak.AdaptkitError as e:
+            assert "unmerge: the model is sharded" in str(e) and "'0'" in str(e), str(e)
+        else:
+            raise AssertionError("unmerge of a merged, sharded model did not refuse")
+        assert all(layer.adapters["default"].merged for layer in (net[0], net[2]))  # nothing undone
+        quick_exit()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_unmerge_of_a_merged_sharded_model_is_refused(tmp_path):
+    pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 needs torch >= 2.6")
+    from torch.distributed import fsdp
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip("torch.distributed.fsdp.fully_shard (FSDP2) needs torch >= 2.6")
+    launch(_merged_worker, (str(tmp_path / "store"),), 1, DEADLINE_S, "unmerge")
