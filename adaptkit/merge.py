@@ -17,17 +17,19 @@ from .inject import refresh, state
 from .io import _is_sharded
 from .layer import AdaptedLayer, adapted_layers
 
+_EXPORT = (
+    "call ak.save(model, path) on every rank, ak.load the file into an unsharded copy of the base model, and {} that"
+)
 
-def refuse_sharded(layers: list[tuple[str, AdaptedLayer]], what: str) -> None:
+
+def refuse_sharded(layers: list[tuple[str, AdaptedLayer]], what: str, fix: str = _EXPORT) -> None:
     """AdaptkitError if any adapted layer holds DTensor shards (FSDP2 ``fully_shard``, tensor
     parallel): folding or decomposing an update needs whole weights, which no rank has."""
     sharded = [p for p, layer in layers if any(_is_sharded(t) for t in layer.parameters())]
     if sharded:
         raise AdaptkitError(
             f"{what}: the model is sharded (DTensor parameters at {sharded[:3]}, e.g. FSDP2 "
-            f"fully_shard) and this needs whole weights; nothing was changed. Call ak.save(model, "
-            f"path) on every rank, ak.load the file into an unsharded copy of the base model, and "
-            f"{what} that"
+            f"fully_shard) and this needs whole weights; nothing was changed. To do it, {fix.format(what)}"
         )
 
 
@@ -105,7 +107,8 @@ def merge(model: nn.Module, unload: bool = True, requantize: bool = False) -> nn
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo ``merge(model, unload=False)`` on every layer."""
     layers = adapted_layers(model)
-    refuse_sharded([(p, l) for p, l in layers if any(a.merged for a in l.adapters.values())], "unmerge")
+    merged = [(p, l) for p, l in layers if any(a.merged for a in l.adapters.values())]
+    refuse_sharded(merged, "unmerge", "unmerge before fully_shard (or re-load the base and the adapter file)")
     for _, layer in layers:
         layer.unmerge()
     refresh(model)
