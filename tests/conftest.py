@@ -95,6 +95,14 @@ def read_safetensors(path) -> tuple[dict, dict]:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
 
 
+def need_fsdp2() -> None:
+    """Skip unless this torch has FSDP2 (``torch.distributed.fsdp.fully_shard``, torch >= 2.6;
+    the CI pin has it, so these tests run there)."""
+    fsdp = pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 needs torch >= 2.6")
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip("torch.distributed.fsdp.fully_shard (FSDP2) needs torch >= 2.6")
+
+
 def quick_exit() -> None:
     """End a spawned gloo worker whose results are written and whose ranks have met at a final
     barrier, without C++ teardown: process-group destruction / interpreter exit after FSDP2

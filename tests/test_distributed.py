@@ -17,7 +17,7 @@ import torch.nn as nn
 
 import adaptkit as ak
 from adaptkit.merge import unmerge
-from conftest import launch, quick_exit, randomise_adapters, read_safetensors
+from conftest import launch, need_fsdp2, quick_exit, randomise_adapters, read_safetensors
 
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
@@ -143,10 +143,7 @@ def test_ddp_matches_single_process(tmp_path):
 
 
 def test_fsdp2_matches_single_process(tmp_path):
-    pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 needs torch >= 2.6")
-    from torch.distributed import fsdp
-    if not hasattr(fsdp, "fully_shard"):
-        pytest.skip("torch.distributed.fsdp.fully_shard (FSDP2) needs torch >= 2.6")
+    need_fsdp2()
     _check("fsdp2", tmp_path)
 
 
@@ -173,8 +170,5 @@ def _merged_worker(rank, store):
 
 
 def test_fsdp2_unmerge_of_a_merged_sharded_model_is_refused(tmp_path):
-    pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 needs torch >= 2.6")
-    from torch.distributed import fsdp
-    if not hasattr(fsdp, "fully_shard"):
-        pytest.skip("torch.distributed.fsdp.fully_shard (FSDP2) needs torch >= 2.6")
+    need_fsdp2()
     launch(_merged_worker, (str(tmp_path / "store"),), 1, DEADLINE_S, "unmerge")

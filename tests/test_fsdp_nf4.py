@@ -24,7 +24,7 @@ import torch.nn as nn
 import adaptkit as ak
 from adaptkit.nf4_linear import NF4Linear
 from adaptkit.nf4_state import QuantParam
-from conftest import launch, quick_exit, randomise_adapters, read_safetensors
+from conftest import launch, need_fsdp2, quick_exit, randomise_adapters, read_safetensors
 
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
@@ -133,9 +133,7 @@ def _launch(tmp_path):
 
 
 def test_fsdp2_shards_the_nf4_base_and_trains_like_one_process(tmp_path):
-    from torch.distributed import fsdp
-    if not hasattr(fsdp, "fully_shard"):
-        pytest.skip("torch.distributed.fsdp.fully_shard (FSDP2) needs torch >= 2.6")
+    need_fsdp2()
     _launch(tmp_path)
     X, Y = _data()
     for name in SPECS:
